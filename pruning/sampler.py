@@ -1,0 +1,275 @@
+"""Eager pruned sampling: ``apply`` / ``remove`` on a diffusers SD3 transformer or pipeline.
+
+After ``apply``, a plain ``StableDiffusion3Pipeline`` call runs pruned; nothing in the user's
+loop changes. The hook keeps the per-run state (caches, previous prediction, policy state)
+and walks the plan one transformer call per denoising step.
+
+Example::
+
+    import torch
+    from tokprune.models import build_tiny_pipeline
+    from tokprune import pruning
+
+    pipe = build_tiny_pipeline()
+    plan = pruning.PrunePlan.from_ratios([1, 1, 0.5, 0.5], num_tokens=256)
+    pruning.apply(pipe, plan, policy="cat")
+    image = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
+    pruning.remove(pipe)   # the transformer is bit-for-bit the original again
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokprune.errors import ConfigError, ShapeError
+from tokprune.pruning.forward import StepOutput, patchify, pruned_forward
+from tokprune.pruning.geometry import REUSE_MODES, Geometry
+from tokprune.pruning.plan import PrunePlan
+
+logger = logging.getLogger(__name__)
+
+_ATTR = "_tokprune_pruner"
+
+
+@dataclass
+class RunState:
+    """Everything one sampling run carries from step to step (all on the model's device)."""
+
+    geometry: Geometry
+    caches: dict[str, torch.Tensor]
+    step: int = 0
+    prev_noise: torch.Tensor | None = None  # (B, C, H, W)
+    text_importance: torch.Tensor | None = None  # (B, T) attention mass measured at the last dense full-text step
+
+
+class TokenPruner:
+    """The per-transformer hook that ``apply`` installs as the module's ``forward``."""
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        plan: PrunePlan,
+        *,
+        policy: Any = "cat",
+        seed: int = 0,
+        reuse: str = "noise",
+        text_protect: torch.Tensor | None = None,
+        scheduler: Any = None,
+    ) -> None:
+        from tokprune.pruning.policies import make_policy
+
+        if reuse not in REUSE_MODES:
+            raise ConfigError(f"reuse={reuse!r}; expected one of {REUSE_MODES}")
+        self.transformer = transformer
+        self.plan = plan
+        self.policy = make_policy(policy, seed=seed) if isinstance(policy, str) else policy
+        self.reuse = reuse
+        self.text_protect = text_protect
+        self.scheduler = scheduler  # when given, its step_index (a Python int) keeps us in sync
+        self.state: RunState | None = None
+        self.calls = 0  # transformer calls actually executed (K > 0), for tests and benchmarks
+
+    # ---- run bookkeeping --------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the current run (call after aborting a generation mid-way)."""
+        self.state = None
+
+    def _step_index(self) -> int | None:
+        if self.scheduler is None:
+            return None
+        idx = getattr(self.scheduler, "step_index", None)
+        return 0 if idx is None else int(idx)
+
+    def _begin(self, geometry: Geometry, device: torch.device, dtype: torch.dtype) -> RunState:
+        caches = {
+            name: torch.zeros(shape, device=device, dtype=dtype)
+            for name, shape in geometry.cache_specs(self.reuse).items()
+        }
+        self.policy.reset(batch=geometry.batch, grid=geometry.grid, device=device)
+        return RunState(geometry=geometry, caches=caches)
+
+    # ---- the hooked forward -----------------------------------------------------------
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        pooled_projections: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        block_controlnet_hidden_states: Any = None,
+        joint_attention_kwargs: dict | None = None,
+        return_dict: bool = True,
+        skip_layers: Any = None,
+    ) -> Any:
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        if block_controlnet_hidden_states is not None or skip_layers is not None or joint_attention_kwargs:
+            raise ConfigError(
+                "tokprune's pruned forward does not support ControlNet residuals, skip_layers or "
+                "joint_attention_kwargs (IP-Adapter, LoRA scale); call tokprune.pruning.remove(...) first"
+            )
+        b = hidden_states.shape[0]
+        geometry = Geometry.from_model(
+            self.transformer,
+            batch=b,
+            latent_hw=tuple(hidden_states.shape[-2:]),
+            text_tokens=encoder_hidden_states.shape[1],
+        )
+        step = self._step_index()
+        st = self.state
+        if step is None:  # no scheduler: count calls, wrap at the end of the plan
+            if st is None or st.step >= self.plan.num_steps:
+                st = None
+            step = 0 if st is None else st.step
+        elif step == 0:
+            st = None
+        if st is not None and st.geometry != geometry:
+            raise ShapeError(
+                f"call shapes changed mid-run (step {step}): got {geometry}, the run started with {st.geometry}; "
+                "call reset() between generations of different sizes"
+            )
+        if step >= self.plan.num_steps:
+            raise ConfigError(
+                f"denoising step {step} is beyond the plan's {self.plan.num_steps} steps; "
+                f"call the pipeline with num_inference_steps={self.plan.num_steps} or give a plan of matching length"
+            )
+        if st is None:
+            st = self.state = self._begin(geometry, hidden_states.device, hidden_states.dtype)
+        st.step = step
+
+        out = self.step(st, hidden_states, encoder_hidden_states, pooled_projections, timestep)
+        st.step = step + 1
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def step(
+        self,
+        st: RunState,
+        latent: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+    ) -> torch.Tensor:
+        """One denoising step of the plan: select, run, update caches and policy. Returns (B, C, H, W)."""
+        from tokprune.pruning.policies import select_text_tokens
+
+        g, step = st.geometry, st.step
+        n = g.num_tokens
+        keep = self.plan.image_k(step, n)
+        keep_text = self.plan.text_k(step, g.text_tokens)
+        if keep == 0:  # reuse step: no transformer call
+            return st.prev_noise.clone()
+        if keep < n and st.prev_noise is None:
+            raise ConfigError(f"plan step {step} prunes (K={keep}) but no dense step has run before it")
+
+        if keep == n:
+            idx = torch.arange(n, device=latent.device).expand(g.batch, n)
+        else:
+            idx = self.policy.select(keep)  # (B, K)
+        txt_idx = None
+        if keep_text < g.text_tokens:
+            if st.text_importance is None:
+                raise ConfigError(
+                    f"plan step {step} prunes text but no dense full-text step ran before it to measure text importance"
+                )
+            txt_idx = select_text_tokens(st.text_importance, keep_text, protect=self._protect(g))
+        # Measure text importance at dense full-text steps that precede text pruning.
+        record = (
+            keep == n
+            and keep_text == g.text_tokens
+            and self.plan.prunes_text()
+            and any(self.plan.text_k(s, g.text_tokens) < g.text_tokens for s in range(step + 1, self.plan.num_steps))
+        )
+        out: StepOutput = pruned_forward(
+            self.transformer,
+            g,
+            latent=latent,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            img_idx=idx,
+            txt_idx=txt_idx,
+            caches=st.caches,
+            prev_noise=st.prev_noise,
+            reuse=self.reuse,
+            inplace=True,
+            record_text=record,
+        )
+        self.calls += 1
+        if out.text_mass is not None:
+            st.text_importance = out.text_mass
+        st.prev_noise = out.noise
+        self.policy.observe(patchify(out.noise, g.patch), dense=keep == n)
+        return out.noise
+
+    def _protect(self, g: Geometry) -> torch.Tensor | None:
+        if self.text_protect is None:
+            return None
+        p = self.text_protect
+        if p.dim() == 1:
+            p = p.unsqueeze(0).expand(g.batch, -1)
+        if p.shape != (g.batch, g.text_tokens):
+            raise ShapeError(f"text_protect has shape {tuple(p.shape)}; expected ({g.batch}, {g.text_tokens}) or ({g.text_tokens},)")
+        return p
+
+
+def _split(target: Any) -> tuple[torch.nn.Module, Any]:
+    """(transformer, scheduler or None) from a transformer or a diffusers pipeline."""
+    if hasattr(target, "transformer") and hasattr(target, "scheduler"):
+        return target.transformer, target.scheduler
+    if hasattr(target, "transformer_blocks") and hasattr(target, "pos_embed"):
+        return target, None
+    raise ConfigError(
+        f"apply/remove take an SD3Transformer2DModel or a StableDiffusion3Pipeline, got {type(target).__name__}"
+    )
+
+
+def apply(
+    target: Any,
+    plan: PrunePlan,
+    *,
+    policy: Any = "cat",
+    seed: int = 0,
+    reuse: str = "noise",
+    text_protect: torch.Tensor | None = None,
+) -> TokenPruner:
+    """Make ``target`` (a transformer or a pipeline) run the pruned forward following ``plan``.
+
+    Args that matter:
+        plan: keep counts per step (:class:`PrunePlan`); its length must equal ``num_inference_steps``.
+        policy: ``"cat"`` (recommended; needs a dense first step), ``"dynamics"``, ``"random"``, or a
+            :class:`~tokprune.pruning.policies.SelectionPolicy` instance.
+    Args to tinker with:
+        reuse: ``"noise"`` (CAT: unselected rows reuse the previous prediction; K/V caches only) or
+            ``"features"`` (rebuild every token from cached attention/FF outputs with current gates).
+        text_protect: (T,) or (B, T) bool, text tokens that text pruning must keep (special tokens).
+        seed: policy seed (``random``; KMeans init for ``cat`` is deterministic).
+
+    Passing the pipeline (recommended) keeps the hook in step with the scheduler; with a bare
+    transformer, calls are counted and wrap at the end of the plan (``reset()`` after an abort).
+    Applying twice replaces the first hook (idempotent). Returns the hook.
+    """
+    transformer, scheduler = _split(target)
+    remove(transformer)
+    pruner = TokenPruner(
+        transformer, plan, policy=policy, seed=seed, reuse=reuse, text_protect=text_protect, scheduler=scheduler
+    )
+    # An instance attribute shadows the class's forward; nn.Module.__call__ picks it up.
+    transformer.__dict__["forward"] = pruner
+    transformer.__dict__[_ATTR] = pruner
+    return pruner
+
+
+def remove(target: Any) -> None:
+    """Undo :func:`apply`: the module is bit-for-bit the original (no parameter was ever touched)."""
+    transformer, _ = _split(target)
+    transformer.__dict__.pop("forward", None)
+    transformer.__dict__.pop(_ATTR, None)
+
+
+def get_pruner(target: Any) -> TokenPruner | None:
+    """The installed hook, or None."""
+    transformer, _ = _split(target)
+    return transformer.__dict__.get(_ATTR)

@@ -1,0 +1,1 @@
+"""The trained yardstick: a procedural shapes dataset, its checker, and the small model trained on it."""
