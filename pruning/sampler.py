@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -33,6 +33,42 @@ from tokprune.pruning.plan import PrunePlan
 logger = logging.getLogger(__name__)
 
 _ATTR = "_tokprune_pruner"
+
+
+@dataclass
+class StepInputs:
+    """Everything one bucket call needs besides the run state (caches, previous prediction)."""
+
+    latent: torch.Tensor  # (B, C, H, W)
+    encoder_hidden_states: torch.Tensor  # (B, T, joint_attention_dim)
+    pooled_projections: torch.Tensor  # (B, pooled_dim)
+    timestep: torch.Tensor  # (B,)
+    img_idx: torch.Tensor  # (B, K) int64
+    txt_idx: torch.Tensor | None  # (B, K_txt) int64 or None (all text)
+    record_text: bool  # also measure the attention mass text tokens receive
+
+
+def eager_executor(pruner: "TokenPruner", st: "RunState", inputs: StepInputs) -> StepOutput:
+    """Run the step with the PyTorch pruned forward, writing fresh rows into ``st.caches`` in place.
+
+    An executor must return the step's :class:`StepOutput` and leave ``st.caches`` updated with the
+    fresh rows; the runtime's engine executor has the same contract (one step loop, many backends).
+    """
+    return pruned_forward(
+        pruner.transformer,
+        st.geometry,
+        latent=inputs.latent,
+        encoder_hidden_states=inputs.encoder_hidden_states,
+        pooled_projections=inputs.pooled_projections,
+        timestep=inputs.timestep,
+        img_idx=inputs.img_idx,
+        txt_idx=inputs.txt_idx,
+        caches=st.caches,
+        prev_noise=st.prev_noise,
+        reuse=pruner.reuse,
+        inplace=True,
+        record_text=inputs.record_text,
+    )
 
 
 @dataclass
@@ -59,6 +95,8 @@ class TokenPruner:
         reuse: str = "noise",
         text_protect: torch.Tensor | None = None,
         scheduler: Any = None,
+        executor: Callable[["TokenPruner", "RunState", StepInputs], StepOutput] = eager_executor,
+        config: Any = None,
     ) -> None:
         from tokprune.pruning.policies import make_policy
 
@@ -70,6 +108,8 @@ class TokenPruner:
         self.reuse = reuse
         self.text_protect = text_protect
         self.scheduler = scheduler  # when given, its step_index (a Python int) keeps us in sync
+        self.executor = executor  # how a bucket call runs: eager PyTorch here, an engine runner in tokprune.runtime
+        self.config = config if config is not None else transformer.config  # the SD3 config shapes come from
         self.state: RunState | None = None
         self.calls = 0  # transformer calls actually executed (K > 0), for tests and benchmarks
 
@@ -112,8 +152,8 @@ class TokenPruner:
                 "joint_attention_kwargs (IP-Adapter, LoRA scale); call tokprune.pruning.remove(...) first"
             )
         b = hidden_states.shape[0]
-        geometry = Geometry.from_model(
-            self.transformer,
+        geometry = Geometry.from_config(
+            self.config,
             batch=b,
             latent_hw=tuple(hidden_states.shape[-2:]),
             text_tokens=encoder_hidden_states.shape[1],
@@ -182,20 +222,18 @@ class TokenPruner:
             and self.plan.prunes_text()
             and any(self.plan.text_k(s, g.text_tokens) < g.text_tokens for s in range(step + 1, self.plan.num_steps))
         )
-        out: StepOutput = pruned_forward(
-            self.transformer,
-            g,
-            latent=latent,
-            encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections,
-            timestep=timestep,
-            img_idx=idx,
-            txt_idx=txt_idx,
-            caches=st.caches,
-            prev_noise=st.prev_noise,
-            reuse=self.reuse,
-            inplace=True,
-            record_text=record,
+        out = self.executor(
+            self,
+            st,
+            StepInputs(
+                latent=latent,
+                encoder_hidden_states=encoder_hidden_states,
+                pooled_projections=pooled_projections,
+                timestep=timestep,
+                img_idx=idx,
+                txt_idx=txt_idx,
+                record_text=record,
+            ),
         )
         self.calls += 1
         if out.text_mass is not None:
