@@ -157,10 +157,12 @@ class SelectionPolicy:
         self._is_reset = True
         self._reset()
 
-    def observe(self, noise: torch.Tensor, *, dense: bool) -> None:
+    def observe(self, noise: torch.Tensor, *, dense: bool, selected: torch.Tensor | None = None) -> None:
         """Record the full noise prediction (B, N, C) of the transformer call that just ran.
 
-        ``dense=True`` when all N tokens were freshly computed. The tensor is copied.
+        ``dense=True`` when all N tokens were freshly computed. ``selected`` (B, K): the rows that
+        were freshly computed at a pruned step (the others are copies of the previous prediction);
+        policies that measure change over time use it. The tensor is copied.
         """
         self._require_reset("observe")
         if noise.dim() != 3 or noise.shape[0] != self.batch or noise.shape[1] != self.num_tokens:
@@ -168,7 +170,9 @@ class SelectionPolicy:
                 f"{self.name}.observe: noise must be (B, N, C) in token layout; got {tuple(noise.shape)}, "
                 f"expected ({self.batch}, {self.num_tokens}, C) for grid {self.grid}"
             )
-        self._observe(noise.detach(), bool(dense))
+        if selected is not None and (selected.dim() != 2 or selected.shape[0] != self.batch):
+            raise ShapeError(f"{self.name}.observe: selected must be (B, K) with B={self.batch}; got {tuple(selected.shape)}")
+        self._observe(noise.detach(), bool(dense), None if dense else selected)
 
     def select(self, k: int) -> torch.Tensor:
         """Indices of the k tokens to recompute: (B, k) int64, unique, sorted ascending.
@@ -191,7 +195,7 @@ class SelectionPolicy:
         """Drop per-run state (called by ``reset`` after batch/grid/device are set)."""
         raise NotImplementedError(f"{type(self).__name__} must implement _reset")
 
-    def _observe(self, noise: torch.Tensor, dense: bool) -> None:
+    def _observe(self, noise: torch.Tensor, dense: bool, selected: torch.Tensor | None) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement _observe")
 
     def _select(self, k: int) -> torch.Tensor:
@@ -268,7 +272,7 @@ class CatPolicy(SelectionPolicy):
         self._labels: torch.Tensor | None = None  # (B, N) cluster ids; None = stale
         self._count = torch.zeros(self.batch, self.num_tokens, device=self.device)  # (B, N) staleness
 
-    def _observe(self, noise: torch.Tensor, dense: bool) -> None:
+    def _observe(self, noise: torch.Tensor, dense: bool, selected: torch.Tensor | None) -> None:
         self._last = _copy_into(self._last, noise)
         if dense:
             self._ref = _copy_into(self._ref, noise)
@@ -342,15 +346,17 @@ class DynamicsPolicy(SelectionPolicy):
     * ``k < #windows``: the top-k bases by score. Otherwise all bases plus the top
       ``k - #windows`` other tokens by score. Ties -> lower index.
 
-    Note: on pruned steps the caller copies last step's prediction into unselected rows, so
-    their dynamics read 0; the base tokens keep every region sampled regardless.
+    On pruned steps only the rows passed as ``observe(..., selected=idx)`` were recomputed; the
+    other rows are copies of the previous prediction and would read a dynamics of exactly 0, so
+    they keep the score measured when they were last recomputed (otherwise a token skipped once
+    would never be picked again). Without ``selected`` every row is re-scored.
     """
 
     name = "dynamics"
 
     def _reset(self) -> None:
-        self._prev: torch.Tensor | None = None  # (B, N, C) n_{t-1}
         self._last: torch.Tensor | None = None  # (B, N, C) n_t
+        self._score: torch.Tensor | None = None  # (B, N) latest measured |n_t - n_{t-1}| per token
         self._seen = 0
         h, w = self.grid
         hw, ww = (h + 1) // 2, (w + 1) // 2
@@ -363,8 +369,13 @@ class DynamicsPolicy(SelectionPolicy):
         tok = torch.where((r < h) & (c < w), r * w + c, torch.full_like(r, -1))  # (hw, 2, ww, 2)
         self._slots = tok.permute(0, 2, 1, 3).reshape(self._windows, 4)  # (W, 4)
 
-    def _observe(self, noise: torch.Tensor, dense: bool) -> None:
-        self._prev, self._last = self._last, self._prev  # reuse the older buffer
+    def _observe(self, noise: torch.Tensor, dense: bool, selected: torch.Tensor | None) -> None:
+        if self._last is not None:
+            fresh = (noise.float() - self._last.float()).abs().mean(dim=-1)  # (B, N)
+            if selected is None or self._score is None:
+                self._score = fresh
+            else:  # only recomputed rows carry new information
+                self._score = self._score.scatter(1, selected, fresh.gather(1, selected))
         self._last = _copy_into(self._last, noise)
         self._seen += 1
 
@@ -377,7 +388,7 @@ class DynamicsPolicy(SelectionPolicy):
             )
         if self._seen == 1:
             return self._last.float().abs().mean(dim=-1)  # (B, N) magnitude fallback
-        return (self._last.float() - self._prev.float()).abs().mean(dim=-1)  # (B, N)
+        return self._score
 
     def _select(self, k: int) -> torch.Tensor:
         score = self.token_scores()  # (B, N)
@@ -408,7 +419,7 @@ class RandomPolicy(SelectionPolicy):
         self._gen = torch.Generator(device=self.device)
         self._gen.manual_seed(self.seed)
 
-    def _observe(self, noise: torch.Tensor, dense: bool) -> None:
+    def _observe(self, noise: torch.Tensor, dense: bool, selected: torch.Tensor | None) -> None:
         return None  # predictions do not matter to this baseline
 
     def _select(self, k: int) -> torch.Tensor:

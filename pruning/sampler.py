@@ -239,7 +239,7 @@ class TokenPruner:
         if out.text_mass is not None:
             st.text_importance = out.text_mass
         st.prev_noise = out.noise
-        self.policy.observe(patchify(out.noise, g.patch), dense=keep == n)
+        self.policy.observe(patchify(out.noise, g.patch), dense=keep == n, selected=None if keep == n else idx)
         return out.noise
 
     def _protect(self, g: Geometry) -> torch.Tensor | None:

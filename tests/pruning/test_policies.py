@@ -376,3 +376,26 @@ def test_text_no_host_sync(monkeypatch):
     b = select_text_tokens(imp, 4, protect=protect)
     monkeypatch.undo()
     assert a.shape == b.shape == (2, 4) and bool((b[:, 0] == 0).all())
+
+
+def test_dynamics_keeps_scores_of_rows_not_recomputed():
+    """Unselected rows are copies of the previous prediction: they must keep their last measured
+    dynamics instead of dropping to 0 (which would starve them forever)."""
+    pol = make_policy("dynamics")
+    pol.reset(batch=1, grid=(4, 4))
+    gen = torch.Generator().manual_seed(0)
+    n0 = torch.randn(1, 16, 4, generator=gen)
+    n1 = n0.clone()
+    n1[:, 5] += 10.0  # token 5 changed a lot between the two dense steps
+    pol.observe(n0, dense=True)
+    pol.observe(n1, dense=True)
+    before = pol.token_scores().clone()
+    # A pruned step recomputed tokens 0..3 only; token 5's row is a copy of n1.
+    n2 = n1.clone()
+    n2[:, :4] += 0.01
+    pol.observe(n2, dense=False, selected=torch.arange(4).unsqueeze(0))
+    after = pol.token_scores()
+    assert after[0, 5] == before[0, 5] and after[0, 5] > 1.0
+    assert torch.allclose(after[0, :4], torch.full((4,), 0.01), atol=1e-6)
+    idx = pol.select(5)
+    assert 5 in idx[0]
