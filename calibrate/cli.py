@@ -1,0 +1,171 @@
+"""``tokprune-calibrate``: measure per-step token needs and freeze a keep schedule under a MAC budget.
+
+Example::
+
+    tokprune-calibrate --model sd3-tiny --budget 0.5 --out schedule.json
+    # writes schedule.json and schedule.png (per-step keep counts and buckets)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from tokprune.errors import TokpruneError
+
+logger = logging.getLogger(__name__)
+
+PROG = "tokprune-calibrate"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Run the model on sample prompts, measure how much error keeping only K tokens introduces at each "
+            "denoising step, and choose per-step keep counts that minimise it under a MAC budget, frozen into at "
+            "most --max-buckets static shapes. Writes the schedule JSON and a PNG plot beside it."
+        ),
+        epilog="Example: tokprune-calibrate --model sd3-tiny --budget 0.5 --out schedule.json",
+    )
+    main = p.add_argument_group("what matters")
+    main.add_argument(
+        "--model",
+        default="sd3-tiny",
+        help="model name (sd3-tiny, sd3.5-tiny, sd3, ...), hub id or local pipeline dir (default: sd3-tiny)",
+    )
+    main.add_argument(
+        "--budget",
+        type=float,
+        required=True,
+        help="fraction of dense transformer MACs over the whole run, in (0, 1]; e.g. 0.5",
+    )
+    main.add_argument("--out", type=Path, required=True, help="schedule JSON to write (a .png is written beside it)")
+    main.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    main.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    main.add_argument("--steps", type=int, default=28, help="denoising steps (default: 28)")
+    main.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (default: 7.0)")
+    main.add_argument(
+        "--max-buckets", type=int, default=4, help="static shapes allowed, the dense one included (default: 4)"
+    )
+    tinker = p.add_argument_group("to tinker with")
+    tinker.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        help="file with one prompt per line (default: the built-in calibration set)",
+    )
+    tinker.add_argument(
+        "--num-prompts", type=int, default=16, help="prompts to use, evenly spread over the set (default: 16; 0 = all)"
+    )
+    tinker.add_argument(
+        "--policy", default="cat", help="token selection policy: cat, dynamics or random (default: cat)"
+    )
+    tinker.add_argument("--seed", type=int, default=0, help="seed of the latents and the policy (default: 0)")
+    tinker.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call (default: 4)")
+    tinker.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default: 256)")
+    tinker.add_argument("--no-text-pruning", action="store_true", help="never prune text tokens")
+    tinker.add_argument(
+        "--reuse",
+        default="noise",
+        choices=("noise", "features"),
+        help="how unselected tokens are filled (default: noise, as CAT)",
+    )
+    tinker.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    tinker.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float16", "bfloat16"),
+        help="weights dtype (default: float32; float16/bfloat16 on GPU)",
+    )
+    tinker.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tokprune-calibrate``. Returns the exit code (0 ok, 2 bad input or model)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        )
+    try:
+        return _run(args)
+    except TokpruneError as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from tokprune.calibrate.api import calibrate, check_inputs
+    from tokprune.calibrate.plot import plot_schedule
+    from tokprune.calibrate.profile import load_prompts
+    from tokprune.errors import ConfigError
+    from tokprune.models import load_pipeline
+
+    if args.num_prompts < 0:
+        raise ConfigError(f"--num-prompts {args.num_prompts}; expected >= 1, or 0 for all")
+    out: Path = args.out
+    if out.suffix.lower() != ".json":
+        raise ConfigError(f"--out {str(out)!r} should end in .json (the plot is written beside it as .png)")
+    prompts = load_prompts(args.prompts)  # missing / empty file -> ConfigError before loading the model
+    if not 0.0 < args.budget <= 1.0:  # repeated in calibrate(); here so it fails before the model loads
+        raise ConfigError(
+            f"--budget {args.budget!r} is out of range; expected a fraction of dense MACs in (0, 1], e.g. 0.5"
+        )
+    pipe = load_pipeline(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    check_inputs(
+        pipe,
+        budget=args.budget,
+        steps=args.steps,
+        height=args.height,
+        width=args.width,
+        max_buckets=args.max_buckets,
+        policy=args.policy,
+        max_sequence_length=args.max_sequence_length,
+        reuse=args.reuse,
+    )
+    sched = calibrate(
+        pipe,
+        budget=args.budget,
+        steps=args.steps,
+        prompts=prompts,
+        height=args.height,
+        width=args.width,
+        guidance=args.guidance,
+        max_buckets=args.max_buckets,
+        policy=args.policy,
+        num_prompts=args.num_prompts or None,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_sequence_length=args.max_sequence_length,
+        prune_text=not args.no_text_pruning,
+        reuse=args.reuse,
+        model=args.model,
+        progress=not args.quiet,
+    )
+    sched.save(out)
+    png = plot_schedule(sched, out.with_suffix(".png"))
+    cat = sched.stats.get("cat_reference")
+    lines = [
+        f"schedule   {out}  ({sched.key})",
+        f"plot       {png}",
+        f"budget     {sched.budget:.3f}  achieved mac_fraction {sched.mac_fraction:.4f}",
+        f"warm-up    {sched.stats['warmup']} dense steps of {sched.steps}",
+        f"buckets    {', '.join(b.key for b in sched.buckets)}",
+        f"plan       {' '.join('R' if e == 'reuse' else e for e in sched.plan)}",
+        f"est. error {sched.stats['estimated_error']:.4f}"
+        + (f"  (CAT reference at {cat['mac_fraction']:.3f}: {cat['estimated_error']:.4f})" if cat else ""),
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
