@@ -37,11 +37,22 @@ def check_inputs(
     width: int | None,
     max_buckets: int,
     policy: str,
-    max_sequence_length: int,
+    max_sequence_length: int | None,
     reuse: str,
 ) -> tuple[int, int, Geometry]:
-    """Validate everything cheap before any model call. Returns (height, width, geometry at batch 1)."""
+    """Validate everything cheap before any model call. Returns (height, width, geometry at batch 1).
+
+    ``None`` for height / width / max_sequence_length means the model's call defaults
+    (:func:`tokprune.models.call_defaults`), else the pipeline's default size and T5 length 256.
+    """
+    from tokprune.models import call_defaults
     from tokprune.pruning.policies import make_policy
+
+    model_defaults = call_defaults(pipe)
+    height = model_defaults.get("height") if height is None else height
+    width = model_defaults.get("width") if width is None else width
+    if max_sequence_length is None:
+        max_sequence_length = int(model_defaults.get("max_sequence_length", 256))
 
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < float(budget) <= 1.0:
         raise ConfigError(f"--budget {budget!r} is out of range; expected a fraction of dense MACs in (0, 1], e.g. 0.5")
@@ -85,13 +96,13 @@ def calibrate(
     prompts: Sequence[str] | None = None,
     height: int | None = None,
     width: int | None = None,
-    guidance: float = 7.0,
+    guidance: float | None = None,
     max_buckets: int = 4,
     policy: str = "cat",
     num_prompts: int | None = 16,
     seed: int = 0,
     batch_size: int = 4,
-    max_sequence_length: int = 256,
+    max_sequence_length: int | None = None,
     prune_text: bool = True,
     reuse: str = "noise",
     model: str | None = None,
@@ -105,7 +116,8 @@ def calibrate(
             scheduler is used as configured.
         budget: fraction of a dense run's transformer MACs, in (0, 1]; 1.0 gives the all-dense schedule.
         steps, height, width, guidance, max_sequence_length: exactly as the pipeline will be called later
-            (defaults: 28 steps, the pipeline's default size, guidance 7.0, T5 length 256).
+            (None: the model's call defaults from ``tokprune.models.call_defaults``, else the pipeline's
+            default size, guidance 7.0, T5 length 256).
         max_buckets: static shapes allowed, the dense one included (recommended 3-4).
     Args to tinker with:
         prompts: calibration prompts (default: the ~80 shipped ones); ``num_prompts`` picks that many,
@@ -119,8 +131,14 @@ def calibrate(
     Returns a :class:`Schedule` with ``mac_fraction`` within 0.02 of ``budget`` and at most
     ``max_buckets`` buckets. Raises :class:`~tokprune.errors.ConfigError` / ``ShapeError`` for bad inputs.
     """
-    from tokprune.models import fingerprint
+    from tokprune.models import call_defaults, fingerprint
 
+    model_defaults = call_defaults(pipe)
+    height = height if height is not None else model_defaults.get("height")
+    width = width if width is not None else model_defaults.get("width")
+    guidance = float(model_defaults.get("guidance_scale", 7.0) if guidance is None else guidance)
+    if max_sequence_length is None:
+        max_sequence_length = int(model_defaults.get("max_sequence_length", 256))
     height, width, geometry = check_inputs(
         pipe,
         budget=budget,

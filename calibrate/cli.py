@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     main.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     main.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     main.add_argument("--steps", type=int, default=28, help="denoising steps (default: 28)")
-    main.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (default: 7.0)")
+    main.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's, else 7.0)")
     main.add_argument(
         "--max-buckets", type=int, default=4, help="static shapes allowed, the dense one included (default: 4)"
     )
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tinker.add_argument("--seed", type=int, default=0, help="seed of the latents and the policy (default: 0)")
     tinker.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call (default: 4)")
-    tinker.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (default: 256)")
+    tinker.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's, else 256)")
     tinker.add_argument("--no-text-pruning", action="store_true", help="never prune text tokens")
     tinker.add_argument(
         "--reuse",

@@ -63,6 +63,7 @@ __all__ = [
     "TINY_TRANSFORMER_CONFIG",
     "available_models",
     "build_tiny_pipeline",
+    "call_defaults",
     "build_tiny_transformer",
     "fingerprint",
     "load_pipeline",
@@ -463,3 +464,13 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, torch.dtype):
         return str(value)
     raise ConfigError(f"fingerprint: config value {value!r} ({type(value).__name__}) is not JSON-serialisable.")
+
+
+def call_defaults(pipe: Any) -> dict[str, Any]:
+    """Keyword arguments a loaded model must be sampled with, e.g. ``{"max_sequence_length": 32}``.
+
+    Loaders of models trained with non-default call settings (the ``shapes`` yardstick) record them
+    on the pipeline as ``pipe._tokprune_call_defaults``; calibration and export use them whenever the
+    user did not pass a value. Empty for stock SD3 pipelines (diffusers' own defaults apply).
+    """
+    return dict(getattr(pipe, "_tokprune_call_defaults", None) or {})

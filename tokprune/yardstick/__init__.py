@@ -1,1 +1,45 @@
-"""The trained yardstick: a procedural shapes dataset, its checker, and the small model trained on it."""
+"""The trained yardstick: a procedural shapes dataset, its checker, and the small model trained on it.
+
+Random-weight models measure speed, never quality; this package gives tokprune a small
+text-to-image model whose output can be *scored*, so pruned and dense sampling can be
+compared on a task metric.
+
+- :mod:`~tokprune.yardstick.dataset`  scenes of 1-3 coloured shapes on a 3x3 grid, captioned,
+  a pure function of ``(index, seed)`` (train seed 0, held-out seed 1)
+- :mod:`~tokprune.yardstick.checker`  reads position / colour / shape / size back off pixels
+- :mod:`~tokprune.yardstick.model`    the complete ``StableDiffusion3Pipeline`` (tokenizers from the
+  closed vocabulary, frozen tiny text encoders, tiny VAE, 8-block SD3 transformer), save / load
+- :mod:`~tokprune.yardstick.train`    ``python -m tokprune.yardstick.train --out DIR --device cuda --minutes 8``
+- :mod:`~tokprune.yardstick.evaluate` ``evaluate(pipe, n=64) -> {"mean": ..., "position": ..., ...}``
+- :mod:`~tokprune.yardstick.pack`     move a model directory through per-file size limits
+
+Heavy dependencies (diffusers, transformers) are imported inside functions.
+"""
+
+from pathlib import Path as _Path
+
+#: The trained yardstick shipped with the package (``--model shapes``); training command in its training.json.
+SHAPES_DIR = _Path(__file__).resolve().parent / "weights" / "shapes"
+
+
+def load_shapes_pipeline():
+    """The shipped ``shapes`` pipeline, with its sampling settings recorded for tokprune's tools."""
+    from tokprune.yardstick.model import load_pipeline
+
+    pipe, meta = load_pipeline(SHAPES_DIR)
+    pipe._tokprune_call_defaults = meta.generation_kwargs()
+    return pipe
+
+
+def _register() -> None:
+    from tokprune.models import register_builtin
+
+    register_builtin(
+        "shapes",
+        load_shapes_pipeline,
+        "trained 8-block SD3 on procedural shapes (128 px, N=1024, T=109): the quality yardstick",
+        replace=True,
+    )
+
+
+_register()

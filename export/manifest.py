@@ -1,0 +1,427 @@
+"""``DIR/manifest.json``: what an export directory holds, how it was made, and how to check it.
+
+The manifest is the contract between export and runtime. It records the versions of every
+tool involved, the model (source and architecture fingerprint), the sampling settings the
+schedule was calibrated for, the budget and achieved ``mac_fraction``, the schedule itself
+(embedded, plus its file and sha256), and per bucket its I/O table (from
+:meth:`~tokprune.export.spec.BucketSpec.io`), its files with sha256 and size, the TensorRT
+lint findings and the ONNX Runtime equivalence report. When engines are built, the GPU,
+compute capability, TensorRT version and build flags are recorded under ``engines``.
+
+:data:`MANIFEST_SCHEMA` is the JSON Schema (the file ``engines/manifest.schema.json`` is
+written from it and a test keeps the two identical).
+
+Runtime-side API::
+
+    from tokprune.export.manifest import load_manifest, verify
+
+    problems = verify("engines/sd3-1024x1024-s28-b0.5")      # [] when every file re-hashes
+    m = load_manifest("engines/sd3-1024x1024-s28-b0.5")
+    for key, spec in m.bucket_specs().items():                 # BucketSpec per bucket
+        path = m.engine_path(key) or m.onnx_path(key)
+    m.step_buckets                                             # per step: bucket key or None (reuse)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokprune.export.spec import BucketSpec, Precision, TensorSpec, geometry_from_dict
+
+from tokprune.errors import ManifestError
+
+__all__ = [
+    "MANIFEST_FILE",
+    "MANIFEST_SCHEMA",
+    "SCHEMA_VERSION",
+    "Manifest",
+    "file_entry",
+    "load_manifest",
+    "sha256_file",
+    "verify",
+    "write_manifest",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+FORMAT = "tokprune-export"
+
+# ---- JSON Schema -------------------------------------------------------------------------------
+_FILE = {
+    "type": "object",
+    "required": ["path", "sha256", "size"],
+    "properties": {
+        "path": {"type": "string", "minLength": 1, "description": "relative to the directory"},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "size": {"type": "integer", "minimum": 0},
+    },
+    "additionalProperties": False,
+}
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "dtype", "role"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+        "dtype": {"enum": ["float32", "float16", "bfloat16", "int64"]},
+        "role": {"enum": ["input", "output"]},
+        "cache": {"type": "string", "description": "Geometry.cache_specs key carried by this tensor"},
+    },
+    "additionalProperties": False,
+}
+_NULLABLE_STR = {"type": ["string", "null"]}
+_EQUIVALENCE = {
+    "type": "object",
+    "required": ["status", "backend", "precision", "seed", "tolerance"],
+    "properties": {
+        "status": {"enum": ["passed", "failed", "skipped"]},
+        "backend": {"type": "string"},
+        "provider": {"type": "string"},
+        "reference": {"type": "string"},
+        "precision": {"enum": ["fp32", "fp16", "bf16"]},
+        "seed": {"type": "integer"},
+        "tolerance": {
+            "type": "object",
+            "required": ["atol", "rtol"],
+            "properties": {"atol": {"type": "number"}, "rtol": {"type": "number"}},
+        },
+        "max_abs": {"type": "object", "additionalProperties": {"type": "number"}},
+        "worst": {"type": "number"},
+        "reason": {"type": "string"},
+    },
+}
+_LINT = {
+    "type": "object",
+    "required": ["severity", "node", "op_type", "message"],
+    "properties": {
+        "severity": {"enum": ["error", "warning"]},
+        "node": {"type": "string"},
+        "op_type": {"type": "string"},
+        "message": {"type": "string"},
+    },
+}
+_BUCKET = {
+    "type": "object",
+    "required": ["key", "image_keep", "text_keep", "dense", "reuse", "precision", "steps", "io", "files", "exporter",
+                 "lint", "equivalence"],
+    "properties": {
+        "key": {"type": "string", "pattern": "^k[0-9]{4,}-t[0-9]{4,}$"},
+        "image_keep": {"type": "integer", "minimum": 1},
+        "text_keep": {"type": "integer", "minimum": 1},
+        "dense": {"type": "boolean"},
+        "reuse": {"enum": ["noise", "features"]},
+        "precision": {"enum": ["fp32", "fp16", "bf16"]},
+        "record_text": {"type": "boolean"},
+        "steps": {"type": "array", "items": {"type": "integer", "minimum": 0}, "description": "denoising steps that run it"},
+        "io": {"type": "array", "items": _TENSOR, "minItems": 6},
+        "files": {
+            "type": "object",
+            "required": ["onnx"],
+            "properties": {"onnx": _FILE, "engine": _FILE},
+            "additionalProperties": False,
+        },
+        "exporter": {"enum": ["dynamo", "torchscript"]},
+        "export_seconds": {"type": "number", "minimum": 0},
+        "lint": {"type": "array", "items": _LINT},
+        "equivalence": _EQUIVALENCE,
+        "weights": {"type": "object"},
+    },
+}
+MANIFEST_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "https://tokprune.dev/schemas/manifest-v1.json",
+    "title": "tokprune export manifest",
+    "description": "DIR/manifest.json written by tokprune-export / tokprune-build (see engines/README.md).",
+    "type": "object",
+    "required": ["schema_version", "format", "created_utc", "versions", "model", "height", "width", "steps",
+                 "guidance", "scheduler", "budget", "mac_fraction", "precision", "reuse", "opset", "geometry",
+                 "schedule", "weights", "buckets", "step_buckets", "engines", "export_config"],
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "format": {"const": FORMAT},
+        "created_utc": {"type": "string"},
+        "command": {"type": "string"},
+        "versions": {
+            "type": "object",
+            "required": ["tokprune", "python", "torch", "diffusers", "onnx", "onnxruntime", "tensorrt"],
+            "properties": {
+                "tokprune": {"type": "string"},
+                "python": {"type": "string"},
+                "torch": {"type": "string"},
+                "diffusers": {"type": "string"},
+                "onnx": {"type": "string"},
+                "onnxruntime": {"type": "string"},
+                "tensorrt": _NULLABLE_STR,
+            },
+        },
+        "model": {
+            "type": "object",
+            "required": ["name", "source", "ref", "fingerprint"],
+            "properties": {
+                "name": {"type": "string"},
+                "source": {"enum": ["builtin", "hub", "local"]},
+                "ref": {"type": "string"},
+                "fingerprint": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+            },
+        },
+        "height": {"type": "integer", "minimum": 1},
+        "width": {"type": "integer", "minimum": 1},
+        "steps": {"type": "integer", "minimum": 1},
+        "guidance": {"type": "number"},
+        "scheduler": {
+            "type": "object",
+            "required": ["class", "config"],
+            "properties": {"class": {"type": "string"}, "config": {"type": "object"}},
+        },
+        "budget": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "mac_fraction": {"type": "number", "minimum": 0, "maximum": 1.000001},
+        "precision": {"enum": ["fp32", "fp16", "bf16"]},
+        "reuse": {"enum": ["noise", "features"]},
+        "policy": {"type": "string"},
+        "opset": {"type": "integer", "minimum": 18},
+        "geometry": {
+            "type": "object",
+            "required": ["batch", "latent_hw", "text_tokens", "patch", "in_channels", "out_channels", "num_layers",
+                         "heads", "head_dim", "joint_attention_dim", "pooled_dim"],
+        },
+        "schedule": {
+            "type": "object",
+            "required": ["file", "embedded"],
+            "properties": {"file": _FILE, "embedded": {"type": "object"}},
+        },
+        "weights": {
+            "type": "object",
+            "required": ["file", "tensors", "dense_weight_bytes", "stored_bytes"],
+            "properties": {
+                "file": _FILE,
+                "tensors": {"type": "integer", "minimum": 0},
+                "dense_weight_bytes": {"type": "integer", "minimum": 0},
+                "stored_bytes": {"type": "integer", "minimum": 0},
+                "ratio": {"type": "number"},
+            },
+        },
+        "buckets": {"type": "array", "items": _BUCKET, "minItems": 1},
+        "step_buckets": {"type": "array", "items": _NULLABLE_STR, "minItems": 1},
+        "engines": {
+            "oneOf": [
+                {"type": "null"},
+                {
+                    "type": "object",
+                    "required": ["tensorrt", "gpu", "flags", "built_utc"],
+                    "properties": {
+                        "tensorrt": {"type": "string"},
+                        "gpu": {
+                            "type": "object",
+                            "required": ["name", "compute_capability"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "compute_capability": {"type": "string", "pattern": "^[0-9]+\\.[0-9]+$"},
+                                "cuda": _NULLABLE_STR,
+                            },
+                        },
+                        "flags": {"type": "object"},
+                        "built_utc": {"type": "string"},
+                        "timing_cache": _FILE,
+                        "layout": {"const": "engine-per-bucket"},
+                    },
+                },
+            ]
+        },
+        "export_config": {"type": "object", "description": "what identifies this export (compared on re-runs)"},
+    },
+}
+
+
+# ---- files ---------------------------------------------------------------------------------------
+def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(directory: str | Path, relpath: str) -> dict[str, Any]:
+    """``{"path", "sha256", "size"}`` of ``directory / relpath``."""
+    p = Path(directory) / relpath
+    return {"path": relpath, "sha256": sha256_file(p), "size": p.stat().st_size}
+
+
+def write_manifest(directory: str | Path, data: Mapping[str, Any]) -> Path:
+    """Write ``manifest.json`` atomically (temporary file + ``os.replace``)."""
+    directory = Path(directory)
+    target = directory / MANIFEST_FILE
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False, allow_nan=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+# ---- reading -------------------------------------------------------------------------------------
+@dataclass
+class Manifest:
+    """A loaded ``manifest.json`` with typed views; ``data`` is the raw JSON object."""
+
+    directory: Path
+    data: dict[str, Any]
+
+    @property
+    def precision(self) -> Precision:
+        return Precision.parse(self.data["precision"])
+
+    @property
+    def reuse(self) -> str:
+        return self.data["reuse"]
+
+    @property
+    def geometry(self):
+        return geometry_from_dict(self.data["geometry"])
+
+    @property
+    def buckets(self) -> list[dict[str, Any]]:
+        return list(self.data["buckets"])
+
+    @property
+    def keys(self) -> list[str]:
+        return [b["key"] for b in self.data["buckets"]]
+
+    @property
+    def step_buckets(self) -> list[str | None]:
+        """Per denoising step, the key of the bucket it runs, or None (reuse the previous prediction)."""
+        return list(self.data["step_buckets"])
+
+    @property
+    def has_engines(self) -> bool:
+        return self.data.get("engines") is not None
+
+    def bucket(self, key: str) -> dict[str, Any]:
+        for b in self.data["buckets"]:
+            if b["key"] == key:
+                return b
+        raise ManifestError(f"{self.directory}: no bucket {key!r}; buckets are {self.keys}")
+
+    def bucket_specs(self) -> dict[str, BucketSpec]:
+        """Key -> :class:`BucketSpec`, checked against the I/O table recorded at export time."""
+        g = self.geometry
+        specs = {}
+        for b in self.data["buckets"]:
+            spec = BucketSpec.from_dict(b, g)
+            recorded = [TensorSpec.from_dict(t) for t in b["io"]]
+            if recorded != spec.io():
+                raise ManifestError(
+                    f"{self.directory}: bucket {b['key']}'s recorded I/O table differs from the one this tokprune "
+                    f"derives (export made by tokprune {self.data['versions']['tokprune']}); re-export it"
+                )
+            specs[b["key"]] = spec
+        return specs
+
+    def onnx_path(self, key: str) -> Path:
+        return self.directory / self.bucket(key)["files"]["onnx"]["path"]
+
+    def engine_path(self, key: str) -> Path | None:
+        entry = self.bucket(key)["files"].get("engine")
+        return None if entry is None else self.directory / entry["path"]
+
+    def schedule(self):
+        """The embedded :class:`tokprune.calibrate.schedule.Schedule`."""
+        from tokprune.calibrate.schedule import Schedule
+
+        return Schedule.from_dict(self.data["schedule"]["embedded"], source=f"{self.directory}/{MANIFEST_FILE}")
+
+    def files(self) -> list[dict[str, Any]]:
+        """Every file the manifest vouches for (shared files, then per bucket)."""
+        entries = [self.data["schedule"]["file"], self.data["weights"]["file"]]
+        engines = self.data.get("engines")
+        if engines and engines.get("timing_cache"):
+            entries.append(engines["timing_cache"])
+        for b in self.data["buckets"]:
+            entries.extend(b["files"].values())
+        return entries
+
+
+_REQUIRED = MANIFEST_SCHEMA["required"]
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    """Read ``DIR/manifest.json``; :class:`ManifestError` if missing, unreadable, of another schema version or incomplete."""
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        hint = "an export is still running or was interrupted" if _partial_sibling(directory).exists() else (
+            "this is not a tokprune export directory"
+        )
+        raise ManifestError(f"{path} does not exist ({hint}); create it with tokprune-export --model MODEL --budget B")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path} is not readable JSON ({exc}); re-export with tokprune-export ... --force") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if data.get("schema_version") != SCHEMA_VERSION or data.get("format") != FORMAT:
+        raise ManifestError(
+            f"{path}: format {data.get('format')!r} schema_version {data.get('schema_version')!r}; this tokprune reads "
+            f"{FORMAT!r} version {SCHEMA_VERSION}. Re-export with this version of tokprune-export"
+        )
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ManifestError(f"{path}: missing keys {missing}; the file is truncated or hand-edited, re-export it")
+    return Manifest(directory=directory, data=data)
+
+
+def _partial_sibling(directory: Path) -> Path:
+    return directory.parent / f".{directory.name}.partial"
+
+
+def verify(directory: str | Path) -> list[str]:
+    """Re-hash every file the manifest lists; one line per problem (missing, size or sha256 mismatch).
+
+    An empty list means the directory is exactly what was exported (and built). Also reports
+    files in the directory the manifest does not know, and a manifest that does not load.
+    """
+    directory = Path(directory)
+    try:
+        manifest = load_manifest(directory)
+    except ManifestError as exc:
+        return [str(exc)]
+    problems = []
+    known = {MANIFEST_FILE}
+    for entry in manifest.files():
+        rel = entry["path"]
+        known.add(rel)
+        p = directory / rel
+        if not p.is_file():
+            problems.append(f"missing: {rel}")
+            continue
+        size = p.stat().st_size
+        if size != entry["size"]:
+            problems.append(f"corrupted: {rel} (size {size} bytes, manifest says {entry['size']})")
+            continue
+        digest = sha256_file(p)
+        if digest != entry["sha256"]:
+            problems.append(f"corrupted: {rel} (sha256 {digest[:12]}…, manifest says {entry['sha256'][:12]}…)")
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory).as_posix()
+        if p.is_file() and rel not in known and not p.name.startswith("."):
+            problems.append(f"unexpected file: {rel}")
+    return problems

@@ -1,0 +1,335 @@
+"""One bucket's engine interface: the single source of tensor names, shapes and dtypes.
+
+:class:`BucketSpec` derives every tensor a bucket engine reads or writes from the
+:class:`~tokprune.pruning.geometry.Geometry` (never from a second shape formula). The ONNX
+export (input/output names and order), the TensorRT optimisation profile, the ONNX Runtime
+feeds, the sample inputs of the equivalence check, the manifest's I/O table and the
+runtime's buffers all come from :meth:`BucketSpec.io`.
+
+ONNX names (``B`` = batch with both CFG halves, ``K`` image tokens kept, ``N`` all image tokens):
+
+============================  ==========================  =======  ======================================
+name                          shape                       dtype    present
+============================  ==========================  =======  ======================================
+``latent``                    (B, C_in, H, W)             float    always
+``encoder_hidden_states``     (B, T, joint_attention_dim) float    always (all T rows; txt_idx selects)
+``pooled_projections``        (B, pooled_dim)             float    always
+``timestep``                  (B,)                        float32  always (sinusoids are computed in fp32)
+``img_idx``                   (B, K)                      int64    always (the dense bucket: a permutation of 0..N-1)
+``txt_idx``                   (B, K_txt)                  int64    text pruned (K_txt < T)
+``prev_noise``                (B, C_out, H, W)            float    K < N and reuse = "noise"
+``cache.<name>``              ``geometry.cache_specs``    float    K < N (name e.g. ``blocks.0.k``)
+``noise`` (output)            (B, C_out, H, W)            float    always
+``fresh.<name>`` (output)     ``geometry.fresh_specs(K)`` float    always (the dense bucket fills the caches)
+``text_mass`` (output)        (B, T)                      float32  ``record_text`` (dense step before text pruning)
+============================  ==========================  =======  ======================================
+
+"float" is the bucket's precision (fp32 / fp16 / bf16). Cache names keep their dots
+(``cache.blocks.0.k``): ONNX, ONNX Runtime and TensorRT accept them, and the part after the
+prefix is exactly the :meth:`Geometry.cache_specs` key, so a runtime maps them back with
+:attr:`TensorSpec.cache`.
+
+Example::
+
+    from tokprune.export.spec import BucketSpec, Precision
+    spec = BucketSpec(geometry, image_keep=128, text_keep=333, precision=Precision.FP16)
+    for t in spec.io():
+        print(t.role, t.name, t.shape, t.dtype)
+    feed = spec.sample_inputs(seed=0)          # name -> torch.Tensor, in input order
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tokprune.pruning.geometry import REUSE_MODES, Geometry
+
+from tokprune.errors import ConfigError, ShapeError
+
+__all__ = [
+    "CACHE_PREFIX",
+    "FRESH_PREFIX",
+    "INPUT",
+    "OUTPUT",
+    "Backend",
+    "BucketSpec",
+    "Precision",
+    "TensorSpec",
+    "bucket_key",
+]
+
+INPUT, OUTPUT = "input", "output"
+CACHE_PREFIX = "cache."  # input name of a cache = CACHE_PREFIX + Geometry.cache_specs key
+FRESH_PREFIX = "fresh."  # output name of its fresh rows = FRESH_PREFIX + the same key
+
+
+class Precision(str, enum.Enum):
+    """Weights / activations dtype of an exported bucket. Norms and softmax always run in fp32."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype string used in :class:`TensorSpec` and the manifest."""
+        return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[self.value]
+
+    @classmethod
+    def parse(cls, value: Precision | str) -> Precision:
+        try:
+            return cls(value.value if isinstance(value, cls) else str(value).lower())
+        except ValueError:
+            raise ConfigError(
+                f"precision {value!r} is not one of {[p.value for p in cls]}; pass --precision fp32|fp16|bf16"
+            ) from None
+
+
+class Backend(str, enum.Enum):
+    """What ``tokprune-export`` produces: ONNX only, TensorRT engines, or engines when possible."""
+
+    AUTO = "auto"
+    ONNX = "onnx"
+    TENSORRT = "tensorrt"
+
+    @classmethod
+    def parse(cls, value: Backend | str) -> Backend:
+        try:
+            return cls(value.value if isinstance(value, cls) else str(value).lower())
+        except ValueError:
+            raise ConfigError(
+                f"backend {value!r} is not one of {[b.value for b in cls]}; pass --backend auto|onnx|tensorrt"
+            ) from None
+
+
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One engine tensor. ``cache`` is the :meth:`Geometry.cache_specs` key it carries, if any."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # "float32" | "float16" | "bfloat16" | "int64"
+    role: str  # INPUT | OUTPUT
+    cache: str | None = None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _TORCH_DTYPES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.torch_dtype).element_size()
+
+    def empty(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """An uninitialised buffer of this tensor's shape and dtype (runtime I/O buffers)."""
+        return torch.empty(self.shape, dtype=self.torch_dtype, device=device)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "role": self.role}
+        if self.cache is not None:
+            d["cache"] = self.cache
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TensorSpec:
+        return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"], d["role"], d.get("cache"))
+
+
+def bucket_key(image_keep: int, text_keep: int) -> str:
+    """File-name key of a bucket, identical to :attr:`tokprune.calibrate.schedule.Bucket.key`."""
+    return f"k{image_keep:04d}-t{text_keep:04d}"
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    """The static interface of one bucket engine.
+
+    Args that matter:
+        geometry: shapes of one call (batch includes both CFG halves).
+        image_keep: K image tokens computed (N = the dense bucket).
+        text_keep: K_txt text rows kept; None means all T.
+    Args to tinker with:
+        reuse: ``"noise"`` (default; unselected rows reuse ``prev_noise``) or ``"features"``.
+        precision: :class:`Precision` of weights and float I/O.
+        record_text: also output ``text_mass`` (the dense step that measures text importance
+            before text pruning starts).
+    """
+
+    geometry: Geometry
+    image_keep: int
+    text_keep: int | None = None
+    reuse: str = "noise"
+    precision: Precision = Precision.FP32
+    record_text: bool = False
+
+    def __post_init__(self) -> None:
+        g = self.geometry
+        object.__setattr__(self, "precision", Precision.parse(self.precision))
+        text_keep = g.text_tokens if self.text_keep is None else self.text_keep
+        object.__setattr__(self, "text_keep", text_keep)
+        if not isinstance(self.image_keep, int) or not 1 <= self.image_keep <= g.num_tokens:
+            raise ShapeError(f"image_keep = {self.image_keep!r}; expected an int in [1, N={g.num_tokens}]")
+        if not isinstance(text_keep, int) or not 1 <= text_keep <= g.text_tokens:
+            raise ShapeError(f"text_keep = {text_keep!r}; expected an int in [1, T={g.text_tokens}]")
+        if self.reuse not in REUSE_MODES:
+            raise ConfigError(f"reuse = {self.reuse!r}; expected one of {REUSE_MODES}")
+        if self.record_text and not (self.dense and not self.prunes_text):
+            raise ConfigError("record_text is only meaningful on the dense, full-text bucket")
+
+    # ---- views ------------------------------------------------------------------------
+    @property
+    def dense(self) -> bool:
+        """K == N: no caches and no previous prediction are read."""
+        return self.image_keep == self.geometry.num_tokens
+
+    @property
+    def prunes_text(self) -> bool:
+        return self.text_keep < self.geometry.text_tokens
+
+    @property
+    def key(self) -> str:
+        """Stable short name of the bucket (``k0128-t0333``); names its files."""
+        return bucket_key(self.image_keep, self.text_keep)
+
+    # ---- the I/O table -------------------------------------------------------------------
+    def io(self) -> list[TensorSpec]:
+        """Every input then every output, in the order the ONNX graph declares them."""
+        g = self.geometry
+        b, (h, w) = g.batch, g.latent_hw
+        f = self.precision.dtype_name
+        specs = [
+            TensorSpec("latent", (b, g.in_channels, h, w), f, INPUT),
+            TensorSpec("encoder_hidden_states", (b, g.text_tokens, g.joint_attention_dim), f, INPUT),
+            TensorSpec("pooled_projections", (b, g.pooled_dim), f, INPUT),
+            TensorSpec("timestep", (b,), "float32", INPUT),
+            TensorSpec("img_idx", (b, self.image_keep), "int64", INPUT),
+        ]
+        if self.prunes_text:
+            specs.append(TensorSpec("txt_idx", (b, self.text_keep), "int64", INPUT))
+        if not self.dense:
+            if self.reuse == "noise":
+                specs.append(TensorSpec("prev_noise", (b, g.out_channels, h, w), f, INPUT))
+            for name, shape in g.cache_specs(self.reuse).items():
+                specs.append(TensorSpec(CACHE_PREFIX + name, tuple(shape), f, INPUT, cache=name))
+        specs.append(TensorSpec("noise", (b, g.out_channels, h, w), f, OUTPUT))
+        for name, shape in g.fresh_specs(self.image_keep, self.reuse).items():
+            specs.append(TensorSpec(FRESH_PREFIX + name, tuple(shape), f, OUTPUT, cache=name))
+        if self.record_text:
+            specs.append(TensorSpec("text_mass", (b, g.text_tokens), "float32", OUTPUT))
+        return specs
+
+    def inputs(self) -> list[TensorSpec]:
+        return [t for t in self.io() if t.role == INPUT]
+
+    def outputs(self) -> list[TensorSpec]:
+        return [t for t in self.io() if t.role == OUTPUT]
+
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs()]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs()]
+
+    # ---- data ---------------------------------------------------------------------------
+    def sample_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A valid random feed (CPU tensors, input order): unique indices, finite activations.
+
+        The dense bucket's ``img_idx`` is a random permutation (attention is key-order
+        invariant, so any permutation must give the dense result); pruned buckets get K distinct
+        random tokens per sample, ``txt_idx`` K_txt distinct sorted text rows.
+        """
+        gen = torch.Generator().manual_seed(int(seed))
+        g = self.geometry
+        feed: dict[str, torch.Tensor] = {}
+        for t in self.inputs():
+            if t.name == "img_idx":
+                rows = [torch.randperm(g.num_tokens, generator=gen)[: self.image_keep] for _ in range(g.batch)]
+                feed[t.name] = torch.stack(rows)  # (B, K)
+            elif t.name == "txt_idx":
+                rows = [torch.randperm(g.text_tokens, generator=gen)[: self.text_keep].sort().values for _ in range(g.batch)]
+                feed[t.name] = torch.stack(rows)  # (B, K_txt)
+            elif t.name == "timestep":
+                feed[t.name] = torch.rand(t.shape, generator=gen) * 1000.0
+            else:
+                feed[t.name] = torch.randn(t.shape, generator=gen).to(t.torch_dtype)
+        return feed
+
+    def check_feed(self, feed: Mapping[str, Any]) -> None:
+        """Raise :class:`ShapeError` naming each missing, extra or mis-shaped/typed input."""
+        problems = []
+        expected = {t.name: t for t in self.inputs()}
+        for name in expected.keys() - feed.keys():
+            problems.append(f"missing input {name!r}")
+        for name in feed.keys() - expected.keys():
+            problems.append(f"unexpected input {name!r}")
+        for name, t in expected.items():
+            if name not in feed:
+                continue
+            x = feed[name]
+            shape = tuple(x.shape)
+            dtype = str(getattr(x, "dtype", "?")).replace("torch.", "")
+            if shape != t.shape:
+                problems.append(f"{name}: shape {shape}, expected {t.shape}")
+            if dtype != t.dtype:
+                problems.append(f"{name}: dtype {dtype}, expected {t.dtype}")
+        if problems:
+            raise ShapeError(f"feed for bucket {self.key} does not match its spec: " + "; ".join(sorted(problems)))
+
+    # ---- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The bucket's identity (not the geometry, which the manifest stores once)."""
+        return {
+            "key": self.key,
+            "image_keep": self.image_keep,
+            "text_keep": self.text_keep,
+            "dense": self.dense,
+            "reuse": self.reuse,
+            "precision": self.precision.value,
+            "record_text": self.record_text,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], geometry: Geometry) -> BucketSpec:
+        return cls(
+            geometry,
+            int(d["image_keep"]),
+            int(d["text_keep"]),
+            reuse=d.get("reuse", "noise"),
+            precision=Precision.parse(d.get("precision", "fp32")),
+            record_text=bool(d.get("record_text", False)),
+        )
+
+
+def geometry_to_dict(g: Geometry) -> dict[str, Any]:
+    d = asdict(g)
+    d["latent_hw"] = list(g.latent_hw)
+    d["dual_attention_layers"] = list(g.dual_attention_layers)
+    return d
+
+
+def geometry_from_dict(d: Mapping[str, Any]) -> Geometry:
+    d = dict(d)
+    d["latent_hw"] = tuple(d["latent_hw"])
+    d["dual_attention_layers"] = tuple(d.get("dual_attention_layers") or ())
+    return Geometry(**d)
