@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tokprune-installed
-DEMO_MODEL  ?= sd3-tiny
+DEMO_MODEL  ?= shapes
 DEMO_BUDGET ?= 0.5
 
 .PHONY: install demo test clean

@@ -13,6 +13,8 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from typing import Any, Sequence
 
@@ -26,6 +28,9 @@ from tokprune.pruning.macs import dense_macs, step_macs
 logger = logging.getLogger(__name__)
 
 __all__ = ["calibrate", "check_inputs"]
+
+
+NO_REUSE_ERROR = 1e9  # error charged for a reuse step when allow_reuse=False
 
 
 def check_inputs(
@@ -107,6 +112,7 @@ def calibrate(
     reuse: str = "noise",
     model: str | None = None,
     profile: ErrorProfile | None = None,
+    allow_reuse: bool = True,
     progress: bool = True,
 ) -> Schedule:
     """Calibrate a keep schedule for ``pipe`` under a MAC ``budget`` and freeze it into buckets.
@@ -124,6 +130,8 @@ def calibrate(
             evenly spread (16 is a good speed/robustness trade-off; None = all).
         policy: selection policy the runtime will use (``"cat"``, ``"dynamics"``, ``"random"``).
         prune_text: let the optimizer prune text tokens too.
+        allow_reuse: let the optimizer replace whole steps by the previous step's prediction (K = 0, no
+            transformer call). False = token pruning only.
         profile: a profile from :func:`~tokprune.calibrate.profile.profile_pipeline` to re-optimise for a
             new budget / bucket limit without re-running the model.
         model: the source string recorded in the schedule (what ``--model`` was).
@@ -202,8 +210,12 @@ def calibrate(
                 prune_text=prune_text,
                 progress=progress,
             )
+        if not allow_reuse:  # make reuse steps unaffordable for the optimizer; the recorded stats stay honest
+            profile_for_opt = dataclasses.replace(profile, reuse_error=tuple(NO_REUSE_ERROR for _ in profile.reuse_error))
+        else:
+            profile_for_opt = profile
         alloc = optimize_schedule(
-            geometry, profile, budget, max_buckets=max_buckets, align=align, reuse=reuse, prune_text=prune_text
+            geometry, profile_for_opt, budget, max_buckets=max_buckets, align=align, reuse=reuse, prune_text=prune_text
         )
         image_keep, text_keep = alloc.image_keep, alloc.text_keep
         fraction, error, warmup = alloc.mac_fraction, alloc.error, alloc.warmup

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tinker.add_argument("--seed", type=int, default=0, help="seed of the latents and the policy (default: 0)")
     tinker.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call (default: 4)")
+    tinker.add_argument(
+        "--no-reuse-steps", action="store_true",
+        help="token pruning only: never replace a whole step by the previous prediction",
+    )
     tinker.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's, else 256)")
     tinker.add_argument("--no-text-pruning", action="store_true", help="never prune text tokens")
     tinker.add_argument(
@@ -148,6 +152,7 @@ def _run(args: argparse.Namespace) -> int:
         prune_text=not args.no_text_pruning,
         reuse=args.reuse,
         model=args.model,
+        allow_reuse=not args.no_reuse_steps,
         progress=not args.quiet,
     )
     sched.save(out)

@@ -1,0 +1,143 @@
+"""Benchmark reporting: fidelity metrics (PSNR, SSIM), the markdown tables and the PNG plot."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["markdown", "plot", "psnr", "ssim"]
+
+
+def psnr(ref: torch.Tensor, x: torch.Tensor, data_range: float) -> float:
+    """Peak signal-to-noise ratio in dB (inf when identical)."""
+    mse = float(((ref.double() - x.double()) ** 2).mean())
+    if mse == 0.0:
+        return math.inf
+    return 10.0 * math.log10(data_range**2 / mse)
+
+
+def ssim(ref: torch.Tensor, x: torch.Tensor, data_range: float) -> float:
+    """Mean structural similarity of two (C, H, W) tensors (Gaussian window 11, sigma 1.5, valid region)."""
+    a, b = ref.double().unsqueeze(0), x.double().unsqueeze(0)  # (1, C, H, W)
+    c = a.shape[1]
+    size = min(11, a.shape[-1], a.shape[-2])
+    size -= 1 - size % 2  # odd
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :]).expand(c, 1, size, size)  # (C, 1, k, k)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, window, groups=c)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(s.mean())
+
+
+def _fmt(x: Any, spec: str = ".3f", none: str = "-") -> str:
+    if x is None:
+        return none
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return format(x, spec)
+
+
+def markdown(result: Any) -> str:
+    """The result as markdown: per-bucket latency vs MAC ratio, the acceptance line, then the grid (last)."""
+    m = result.meta
+    s = m["settings"]
+    head = (
+        f"Model {m['model']['name']} ({m['layers']} layers, hidden {m['hidden']}), {s['height']}x{s['width']} px, "
+        f"N={m['image_tokens']} image + T={m['text_tokens']} text tokens, batch {m['batch']} (CFG), {s['steps']} steps, "
+        f"guidance {s['guidance']:g}, budget {m['budget']:g}; {len(m['prompts'])} prompts x {m['runs']} runs "
+        f"(+{m['warmup']} warm-up); device {m['device']}, {m['torch_threads']} threads."
+    )
+    lines = [head]
+    if result.buckets:
+        lines += [
+            "",
+            "Per bucket (pruned arms): latency vs the same backend's dense latency x MAC ratio, measured in the "
+            "same interleaved run (step = whole transformer step incl. selection; call = engine call incl. cache "
+            "scatter; MACs include the text_mass probe where a bucket computes it).",
+            "",
+            "| backend | bucket | steps | MAC ratio | step median (s) | predicted | error | call median (s) | predicted | error |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for b in result.buckets:
+            lines.append(
+                f"| {b['backend']} | {b['bucket']}{' (+text_mass)' if b.get('text_mass') else ''} | {b['steps']} | {b['mac_ratio']:.3f} | {_fmt(b.get('step_median_s'), '.4f')} | "
+                f"{_fmt(b.get('step_predicted_s'), '.4f')} | {_fmt(b.get('step_error_pct'), '+.1f')}% | "
+                f"{_fmt(b.get('call_median_s'), '.4f')} | {_fmt(b.get('call_predicted_s'), '.4f')} | "
+                f"{_fmt(b.get('call_error_pct'), '+.1f')}% |"
+            )
+    a = result.acceptance
+    if "ort_pruned_speedup" in a:
+        lines += [
+            "",
+            f"Acceptance: ONNX Runtime pruned speedup vs eager dense {a['ort_pruned_speedup']:.2f}x (need >= 1.8: "
+            f"{'PASS' if a['ort_pruned_speedup_ok'] else 'FAIL'}); every ORT bucket call within "
+            f"{a['bucket_mac_tolerance_pct']:.0f}% of its MAC prediction: {'PASS' if a['buckets_within_tolerance'] else 'FAIL'}.",
+        ]
+    lines += [
+        "",
+        "| backend | mode | loop median (s) | spread IQR | speedup | e2e (s) | e2e speedup | MAC frac | peak mem (MiB) "
+        "| PSNR img (dB) | SSIM img | PSNR lat (dB) | SSIM lat |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result.rows:
+        mode = "pruned" if r["pruned"] else "dense"
+        if r.get("status") != "ok":
+            lines.append(f"| {r['backend']} | {mode} | skipped: {r.get('reason', '')} | | | | | | | | | | |")
+            continue
+        base = r["backend"] == "eager" and not r["pruned"]
+        same = r["identical_to_baseline"]
+        lines.append(
+            f"| {r['backend']} | {mode} | {_fmt(r['median_s'])} | ±{_fmt(r['spread_pct'], '.1f')}% | "
+            f"{_fmt(r['speedup'], '.2f')}x | {_fmt(r['e2e_median_s'])} | {_fmt(r['e2e_speedup'], '.2f')}x | "
+            f"{_fmt(r['mac_fraction'], '.3f')} | {_fmt(r['peak_mem_mib'], '.0f')} | "
+            f"{'ref' if base else 'identical' if same else _fmt(r['psnr_db'], '.1f')} | "
+            f"{'ref' if base else _fmt(r['ssim'], '.4f')} | "
+            f"{'ref' if base else 'identical' if r['latent_psnr_db'] is None else _fmt(r['latent_psnr_db'], '.1f')} | "
+            f"{'ref' if base else _fmt(r['latent_ssim'], '.4f')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(result: Any, path: str | Path) -> Path:
+    """Bar charts of speedup vs eager dense and image PSNR vs eager dense, per backend and mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.rows if r.get("status") == "ok"]
+    labels = [r["label"] for r in rows]
+    colors = ["tab:orange" if r["pruned"] else "tab:blue" for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.4 * len(rows)), 4.5))
+    ax1.bar(labels, [r["speedup"] for r in rows], color=colors)
+    ax1.axhline(1.0, color="gray", lw=0.8)
+    ax1.set_ylabel("denoising-loop speedup vs eager dense (x)")
+    cap = 100.0
+    vals = [cap if (r["psnr_db"] is None) else min(cap, r["psnr_db"]) for r in rows]
+    ax2.bar(labels, vals, color=colors)
+    ax2.set_ylabel(f"image PSNR vs eager dense, dB (cap {cap:.0f})")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=45)
+        for lab in ax.get_xticklabels():
+            lab.set_ha("right")
+    m = result.meta
+    fig.suptitle(f"{m['model']['name']}: N={m['image_tokens']}, {m['settings']['steps']} steps, budget {m['budget']:g}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,630 @@
+"""The drop-in transformer: walks the denoising loop and runs each step's bucket engine.
+
+:func:`load` verifies an export directory and returns an :class:`EngineTransformer`, an
+``nn.Module`` with ``.config``, ``.dtype`` and ``.device`` that replaces ``pipe.transformer``
+in a diffusers ``StableDiffusion3Pipeline``. :func:`attach` / :func:`detach` do the swap and
+keep the step loop in sync with ``pipe.scheduler``.
+
+There is one step loop in tokprune: :class:`tokprune.pruning.sampler.TokenPruner` (plan walking,
+selection policy, text pruning, caches, previous prediction). The runtime reuses it with an
+:class:`EngineExecutor` — the executor runs one bucket call through a runner
+(:mod:`tokprune.runtime.runners`) and writes the fresh rows into the run's caches. Selection and
+cache updates are torch ops on the run's device between engine calls: no host sync.
+
+Concurrency: engines (runners) are shared; run state is per view. Each pipeline gets its own
+view (:func:`attach` makes one with :meth:`EngineTransformer.share` when the runtime is already
+attached elsewhere), so two pipelines on one loaded runtime generate concurrently and correctly.
+One view used by two generations at once (two threads on the same transformer object) is
+refused with :class:`RuntimeBusyError`.
+
+Example::
+
+    import torch
+    from tokprune import runtime
+    from tokprune.models import load_pipeline
+
+    pipe = load_pipeline("sd3-tiny")
+    runtime.attach(pipe, "engines/sd3-tiny-64x64-s8-b0.5", backend="onnxruntime")
+    image = pipe("a red circle", num_inference_steps=8, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    runtime.detach(pipe)      # pipe.transformer is the original module again
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokprune.export.spec import BucketSpec, bucket_key
+from tokprune.pruning.forward import StepOutput, scatter_rows
+from tokprune.pruning.geometry import Geometry
+from tokprune.pruning.plan import PrunePlan
+from tokprune.pruning.sampler import RunState, StepInputs, TokenPruner
+from tokprune.runtime.runners import (
+    OnnxRuntimeRunner,
+    Runner,
+    RuntimeBackend,
+    TorchRunner,
+)
+from tokprune.runtime.verify import (
+    check_fingerprint,
+    load_reference_transformer,
+    rebuild_command,
+    transformer_config,
+    verify_export,
+)
+
+from tokprune.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ManifestError,
+    ShapeError,
+    TokpruneError,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EngineExecutor", "EngineTransformer", "RuntimeBusyError", "attach", "detach", "load"]
+
+_ORIGINAL = "_tokprune_runtime_original"
+
+
+class RuntimeBusyError(TokpruneError, RuntimeError):
+    """A second generation started on a runtime view while another one is in flight."""
+
+
+# ---- shared engines -----------------------------------------------------------------------------
+@dataclass
+class LoadedEngines:
+    """What every view of one loaded export shares: manifest, specs, runners, lock."""
+
+    directory: Path
+    manifest: Any
+    backend: RuntimeBackend
+    device: torch.device
+    specs: dict[str, BucketSpec]
+    runners: dict[str, Runner]
+    config: dict[str, Any]
+    schedule: Any
+    plan: PrunePlan
+    policy: str
+    reuse: str
+    dense_key: str
+    lock: threading.Lock = field(default_factory=threading.Lock)  # engine calls whose outputs alias buffers
+    closed: bool = False
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.manifest.geometry
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.manifest.precision.torch_dtype
+
+    @property
+    def steps(self) -> int:
+        return int(self.manifest.data["steps"])
+
+    def close(self) -> None:
+        for runner in self.runners.values():
+            runner.deactivate()
+        self.closed = True
+
+
+# ---- the executor -------------------------------------------------------------------------------
+class EngineExecutor:
+    """``(pruner, run_state, StepInputs) -> StepOutput`` through the bucket runners.
+
+    Picks the runner of the step's bucket (K image, K_txt text tokens), feeds it the step's
+    tensors, the run's caches (bound as they are: no copy) and the previous prediction, then
+    scatters the fresh cache rows into ``run_state.caches`` on the device. Calls whose batch is
+    a multiple of the engines' batch run in chunks of it (``num_images_per_prompt > 1``).
+
+    ``write_caches=False`` (the dense-only mode) skips cache updates: no pruned step reads them.
+    ``timer``: optional object with ``begin(key)`` / ``end()`` around each engine call (benchmarks).
+    """
+
+    def __init__(self, engines: LoadedEngines, *, write_caches: bool = True) -> None:
+        self.engines = engines
+        self.write_caches = write_caches
+        self.timer: Any = None
+
+    def __call__(self, pruner: TokenPruner, st: RunState, inputs: StepInputs) -> StepOutput:
+        eng = self.engines
+        g = st.geometry
+        keep = inputs.img_idx.shape[1]
+        keep_text = g.text_tokens if inputs.txt_idx is None else inputs.txt_idx.shape[1]
+        key = bucket_key(keep, keep_text)
+        runner = eng.runners.get(key)
+        if runner is None:
+            raise ShapeError(
+                f"step {st.step} needs bucket {key} (K={keep} image, {keep_text} text tokens) but the export has "
+                f"{sorted(eng.runners)}; the plan and the engines disagree: re-export with {rebuild_command(eng.manifest)}"
+            )
+        spec = runner.spec
+        dt = spec.precision.torch_dtype
+        feed: dict[str, torch.Tensor] = {
+            "latent": inputs.latent.to(dt),
+            "encoder_hidden_states": inputs.encoder_hidden_states.to(dt),
+            "pooled_projections": inputs.pooled_projections.to(dt),
+            "timestep": inputs.timestep.to(torch.float32),
+            "img_idx": inputs.img_idx.to(torch.int64),
+        }
+        if spec.prunes_text:
+            feed["txt_idx"] = inputs.txt_idx.to(torch.int64)
+        if not spec.dense:
+            if spec.reuse == "noise":
+                feed["prev_noise"] = st.prev_noise.to(dt)
+            for t in spec.inputs():
+                if t.cache is not None:
+                    feed[t.name] = st.caches[t.cache]
+        want_mass = inputs.record_text
+        if want_mass and not spec.record_text:
+            raise ManifestError(
+                f"step {st.step} must measure text importance (text pruning follows) but bucket {key} has no "
+                f"'text_mass' output; re-export with text_mass on the dense bucket: {rebuild_command(eng.manifest)}"
+            )
+        eb, b = spec.geometry.batch, g.batch
+        noises, masses = [], []
+        for c in range(b // eb):
+            part = slice(c * eb, (c + 1) * eb)
+            chunk = feed if eb == b else {n: x[part] for n, x in feed.items()}
+            if runner.aliases_outputs:
+                with eng.lock:  # outputs live in shared buffers until consumed below
+                    noise, mass = self._call(runner, spec, chunk, st, inputs, part, want_mass, key)
+            else:
+                noise, mass = self._call(runner, spec, chunk, st, inputs, part, want_mass, key)
+            noises.append(noise)
+            masses.append(mass)
+        noise = noises[0] if len(noises) == 1 else torch.cat(noises, dim=0)
+        text_mass = None
+        if want_mass:
+            text_mass = masses[0] if len(masses) == 1 else torch.cat(masses, dim=0)
+        return StepOutput(noise=noise, fresh={}, text_mass=text_mass)
+
+    def _call(
+        self,
+        runner: Runner,
+        spec: BucketSpec,
+        feed: Mapping[str, torch.Tensor],
+        st: RunState,
+        inputs: StepInputs,
+        part: slice,
+        want_mass: bool,
+        key: str,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        timer = self.timer
+        if timer is not None:
+            timer.begin(key)
+        out = runner.infer(feed)
+        alias = runner.aliases_outputs
+        noise = out["noise"].to(inputs.latent.dtype, copy=alias)  # (b, C, H, W), owned by the caller
+        mass = None
+        if want_mass:
+            mass = out["text_mass"].clone() if alias else out["text_mass"]
+        if self.write_caches and st.caches:
+            idx = inputs.img_idx[part]
+            for t in spec.outputs():
+                if t.cache is None:
+                    continue
+                dst = st.caches[t.cache][part]
+                if spec.dense:  # the dense step's img_idx is arange(N): rows are in token order
+                    dst.copy_(out[t.name])
+                else:
+                    scatter_rows(dst, idx, out[t.name], inplace=True)
+        if timer is not None:
+            timer.end()
+        return noise, mass
+
+
+class _EnginePruner(TokenPruner):
+    """TokenPruner whose caches come from a per-view pool in the engines' dtype (no per-run allocation).
+
+    Step 0 of every schedule is dense and rewrites every cache row, so pooled caches are not zeroed.
+    """
+
+    def __init__(self, *args: Any, cache_dtype: torch.dtype, use_caches: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cache_dtype = cache_dtype
+        self._use_caches = use_caches
+        self._pool: tuple[Geometry, torch.device, dict[str, torch.Tensor]] | None = None
+
+    def _begin(self, geometry: Geometry, device: torch.device, dtype: torch.dtype) -> RunState:
+        caches: dict[str, torch.Tensor] = {}
+        if self._use_caches:
+            if self._pool is not None and self._pool[0] == geometry and self._pool[1] == device:
+                caches = self._pool[2]
+            else:
+                caches = {
+                    name: torch.zeros(shape, device=device, dtype=self._cache_dtype)
+                    for name, shape in geometry.cache_specs(self.reuse).items()
+                }
+                self._pool = (geometry, device, caches)
+        self.policy.reset(batch=geometry.batch, grid=geometry.grid, device=device)
+        return RunState(geometry=geometry, caches=caches)
+
+
+# ---- the module ---------------------------------------------------------------------------------
+class EngineTransformer(torch.nn.Module):
+    """A diffusers-compatible transformer that runs the exported bucket engines.
+
+    Not built directly: use :func:`load` (or :func:`attach`). Attributes the pipeline reads:
+    ``config`` (the exported transformer's config), ``dtype`` (the engines' precision), ``device``.
+
+    Args (via :func:`load`) that matter: ``pruned`` (False runs the dense bucket at every step —
+    the dense baseline of the same backend). Views made with :meth:`share` share the engines and
+    have their own run state.
+    """
+
+    def __init__(self, engines: LoadedEngines, *, pruned: bool = True, scheduler: Any = None) -> None:
+        super().__init__()
+        from diffusers.configuration_utils import FrozenDict
+
+        self._engines = engines
+        self.pruned = bool(pruned)
+        self.config = FrozenDict(engines.config)
+        plan = engines.plan if self.pruned else PrunePlan.dense(engines.steps)
+        self.executor = EngineExecutor(engines, write_caches=self.pruned)
+        self._pruner = _EnginePruner(
+            torch.nn.Identity(),  # never called: the executor runs the engines
+            plan,
+            policy=engines.policy,
+            reuse=engines.reuse,
+            scheduler=scheduler,
+            executor=self.executor,
+            config=engines.config,
+            cache_dtype=engines.dtype,
+            use_caches=self.pruned,
+        )
+        self._guard = threading.Lock()
+        self._owner: threading.Thread | None = None
+        self._in_flight = False
+
+    # ---- what the pipeline reads ------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._engines.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._engines.device
+
+    @property
+    def backend(self) -> RuntimeBackend:
+        return self._engines.backend
+
+    @property
+    def manifest(self) -> Any:
+        return self._engines.manifest
+
+    @property
+    def plan(self) -> PrunePlan:
+        return self._pruner.plan
+
+    @property
+    def scheduler(self) -> Any:
+        return self._pruner.scheduler
+
+    @property
+    def calls(self) -> int:
+        """Engine calls made by this view (reuse steps make none)."""
+        return self._pruner.calls
+
+    @property
+    def runners(self) -> dict[str, Runner]:
+        return dict(self._engines.runners)
+
+    def extra_repr(self) -> str:
+        return (
+            f"backend={self.backend.value}, device={self.device}, pruned={self.pruned}, "
+            f"buckets={sorted(self._engines.runners)}, dir={self._engines.directory}"
+        )
+
+    # ---- views and state ------------------------------------------------------------------
+    def share(self, *, pruned: bool | None = None) -> EngineTransformer:
+        """A new view on the same engines with its own run state (one per concurrent pipeline)."""
+        return EngineTransformer(self._engines, pruned=self.pruned if pruned is None else pruned)
+
+    def bind_scheduler(self, scheduler: Any) -> None:
+        """Follow ``scheduler.step_index`` (what :func:`attach` does). None: count calls instead."""
+        self._pruner.scheduler = scheduler
+
+    def reset(self) -> None:
+        """Forget the current run (after an aborted generation) and release this view."""
+        with self._guard:
+            self._pruner.reset()
+            self._in_flight = False
+            self._owner = None
+
+    def close(self) -> None:
+        """Deactivate every runner (all views of these engines stop working)."""
+        self._engines.close()
+
+    # ---- the call ----------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        pooled_projections: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        block_controlnet_hidden_states: Any = None,
+        joint_attention_kwargs: dict | None = None,
+        return_dict: bool = True,
+        skip_layers: Any = None,
+    ) -> Any:
+        if self._engines.closed:
+            raise BackendUnavailableError("this runtime was closed; load it again with tokprune.runtime.load(...)")
+        if encoder_hidden_states is None or pooled_projections is None or timestep is None:
+            raise ConfigError("the runtime needs hidden_states, encoder_hidden_states, pooled_projections and timestep")
+        self._check_call(hidden_states, encoder_hidden_states)
+        starts = self._enter()
+        try:
+            out = self._pruner(
+                hidden_states,
+                encoder_hidden_states,
+                pooled_projections,
+                timestep,
+                block_controlnet_hidden_states=block_controlnet_hidden_states,
+                joint_attention_kwargs=joint_attention_kwargs,
+                return_dict=return_dict,
+                skip_layers=skip_layers,
+            )
+        except BaseException:
+            self._abort()
+            raise
+        self._leave(starts)
+        return out
+
+    def _check_call(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> None:
+        """Refuse a resolution, text length or batch the engines were not built for (before any work)."""
+        eng = self._engines
+        g = eng.geometry
+        data = eng.manifest.data
+        problems = []
+        hw = tuple(hidden_states.shape[-2:])
+        if hw != tuple(g.latent_hw):
+            scale = data["height"] // g.latent_hw[0]
+            problems.append(
+                f"resolution: got {hw[0] * scale}x{hw[1] * scale} px (latent {hw[0]}x{hw[1]}), the engines were built "
+                f"for {data['height']}x{data['width']} px (latent {g.latent_hw[0]}x{g.latent_hw[1]}); call the pipeline "
+                f"with height={data['height']}, width={data['width']}"
+            )
+        t = encoder_hidden_states.shape[1]
+        if t != g.text_tokens:
+            problems.append(
+                f"text tokens: got {t}, the engines take {g.text_tokens} (77 CLIP + {g.text_tokens - 77} T5); call the "
+                f"pipeline with max_sequence_length={g.text_tokens - 77}"
+            )
+        b = hidden_states.shape[0]
+        if b % g.batch:
+            problems.append(
+                f"batch: got {b} latents, the engines take batches of {g.batch} (calibrated with guidance "
+                f"{data['guidance']:g}: {'2 per image with CFG' if g.batch % 2 == 0 else '1 per image'}); use a "
+                f"guidance_scale {'> 1' if g.batch % 2 == 0 else '<= 1'} and a multiple of "
+                f"{max(1, g.batch // 2) if g.batch % 2 == 0 else g.batch} images"
+            )
+        if problems:
+            raise ShapeError(
+                f"the runtime in {eng.directory} cannot run this call: " + "; ".join(problems)
+                + f". Or build engines for it: {_rebuild_for(eng.manifest, hw, problems)}"
+            )
+
+    def _enter(self) -> bool:
+        """Claim this view for the calling thread; returns whether this call starts a new run."""
+        me = threading.current_thread()
+        with self._guard:
+            if self._in_flight and self._owner is not me and self._owner is not None and self._owner.is_alive():
+                raise RuntimeBusyError(
+                    f"this runtime view is generating in thread {self._owner.name!r} (step "
+                    f"{getattr(self._pruner.state, 'step', '?')} of {self.plan.num_steps}); a second generation cannot "
+                    f"share its caches. Give each pipeline its own view: tokprune.runtime.attach(pipe, runtime) "
+                    f"(shares the engines), or runtime.share()"
+                )
+            starts = self._starts_run()
+            if starts:
+                self._check_steps()
+                self._pruner.reset()
+            self._owner, self._in_flight = me, True
+            return starts
+
+    def _starts_run(self) -> bool:
+        st = self._pruner.state
+        sched = self._pruner.scheduler
+        if sched is not None:
+            idx = getattr(sched, "step_index", None)
+            return idx is None or int(idx) == 0
+        return st is None or st.step >= self.plan.num_steps
+
+    def _check_steps(self) -> None:
+        sched = self._pruner.scheduler
+        if sched is None:
+            return
+        n = getattr(sched, "num_inference_steps", None)
+        if n is None and getattr(sched, "timesteps", None) is not None:
+            n = len(sched.timesteps)
+        if n is not None and int(n) != self.plan.num_steps:
+            data = self._engines.manifest.data
+            raise ConfigError(
+                f"the pipeline runs {int(n)} denoising steps but the engines in {self._engines.directory} were scheduled "
+                f"for {self.plan.num_steps}; call it with num_inference_steps={self.plan.num_steps}, or build engines "
+                f"for {int(n)} steps: tokprune-export --model {data['model']['ref']} --height {data['height']} "
+                f"--width {data['width']} --steps {int(n)} --budget {data['budget']:g}"
+            )
+
+    def _leave(self, starts: bool) -> None:
+        st = self._pruner.state
+        if st is None or st.step >= self.plan.num_steps:
+            with self._guard:
+                self._in_flight = False
+                self._owner = None
+
+    def _abort(self) -> None:
+        with self._guard:
+            self._pruner.reset()
+            self._in_flight = False
+            self._owner = None
+
+
+def _rebuild_for(manifest: Any, latent_hw: tuple[int, ...], problems: list[str]) -> str:
+    data = manifest.data
+    g = manifest.geometry
+    scale = data["height"] // g.latent_hw[0]
+    h, w = (latent_hw[0] * scale, latent_hw[1] * scale) if latent_hw != tuple(g.latent_hw) else (data["height"], data["width"])
+    return (
+        f"tokprune-export --model {data['model']['ref']} --height {h} --width {w} --steps {data['steps']} "
+        f"--budget {data['budget']:g}"
+    )
+
+
+# ---- entry points -------------------------------------------------------------------------------
+def load(
+    engine_dir: str | Path,
+    backend: RuntimeBackend | str = "onnxruntime",
+    device: torch.device | str | None = None,
+    *,
+    pruned: bool = True,
+    model: torch.nn.Module | None = None,
+    compile: bool = False,
+    threads: int | None = None,
+    cuda_graphs: bool = False,
+    check_files: bool = True,
+) -> EngineTransformer:
+    """Verify an export directory and return the transformer that runs its engines.
+
+    Args that matter:
+        engine_dir: a ``tokprune-export`` output directory (``manifest.json`` inside).
+        backend: ``"onnxruntime"`` (CPU or CUDA), ``"tensorrt"`` (GPU, built engines), or ``"torch"``
+            (the PyTorch pruned forward, eagerly: the reference; needs the model).
+        device: ``"cpu"`` / ``"cuda"``; default: CUDA for TensorRT, CPU otherwise.
+        pruned: False runs the dense bucket at every step (the same backend's dense baseline).
+    Args to tinker with:
+        model: the PyTorch transformer for ``backend="torch"`` (default: load the manifest's model).
+        compile: ``torch.compile`` each bucket (``backend="torch"``).
+        threads: ONNX Runtime intra-op threads. ``cuda_graphs``: capture a CUDA graph per TensorRT bucket.
+        check_files: re-hash every file against the manifest (recommended; seconds for big exports).
+
+    Raises :class:`ManifestError` (mismatched or corrupted export, wrong model),
+    :class:`BackendUnavailableError` (backend or device missing), each saying what differs and the
+    command that rebuilds.
+
+    Example::
+
+        rt = tokprune.runtime.load("engines/sd3-tiny-64x64-s8-b0.5", backend="onnxruntime")
+        pipe.transformer = rt; rt.bind_scheduler(pipe.scheduler)      # or tokprune.runtime.attach(pipe, rt)
+    """
+    backend = RuntimeBackend.parse(backend)
+    if device is None:
+        device = "cuda" if backend is RuntimeBackend.TENSORRT else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"device {device} requested but no CUDA GPU is visible; use device='cpu'")
+    if backend is RuntimeBackend.TENSORRT and device.type != "cuda":
+        raise BackendUnavailableError("the tensorrt backend runs on a CUDA device only; pass device='cuda'")
+    manifest = verify_export(engine_dir, backend, check_files=check_files)
+    specs = manifest.bucket_specs()
+    schedule = manifest.schedule()
+    plan = schedule.to_plan()
+    config = transformer_config(manifest)
+    dense_key = bucket_key(manifest.geometry.num_tokens, manifest.geometry.text_tokens)
+    if dense_key not in specs:
+        raise ManifestError(f"{engine_dir}: the export has no dense bucket {dense_key}; re-export: {rebuild_command(manifest)}")
+    if plan.prunes_text() and not specs[dense_key].record_text:
+        raise ManifestError(
+            f"{engine_dir}: the schedule prunes text tokens, which needs the dense bucket's 'text_mass' output to rank "
+            f"them, but bucket {dense_key} was exported without it; re-export: {rebuild_command(manifest)}"
+        )
+    if model is not None:
+        check_fingerprint(manifest, model, "the model passed to load()")
+    runners: dict[str, Runner] = {}
+    if backend is RuntimeBackend.TORCH:
+        ref = model if model is not None else load_reference_transformer(manifest, device, manifest.precision.torch_dtype)
+        ref = ref.eval().to(device)
+        for key, spec in specs.items():
+            runners[key] = TorchRunner(ref, spec, device=device, compile=compile)
+    elif backend is RuntimeBackend.ONNXRUNTIME:
+        for key, spec in specs.items():
+            runners[key] = OnnxRuntimeRunner(manifest.onnx_path(key), spec, device=device, threads=threads)
+    else:
+        from tokprune.runtime.trt_runner import TrtEngineSet
+
+        paths = {key: manifest.engine_path(key) for key in specs}
+        engine_set = TrtEngineSet(paths, specs, device=device, cuda_graphs=cuda_graphs)
+        runners = {key: engine_set.runner(key) for key in specs}
+    try:
+        for runner in runners.values():
+            runner.activate()
+    except BaseException:
+        for runner in runners.values():
+            runner.deactivate()
+        raise
+    engines = LoadedEngines(
+        directory=Path(engine_dir),
+        manifest=manifest,
+        backend=backend,
+        device=device,
+        specs=specs,
+        runners=runners,
+        config=config,
+        schedule=schedule,
+        plan=plan,
+        policy=str(manifest.data.get("policy") or schedule.policy),
+        reuse=manifest.reuse,
+        dense_key=dense_key,
+    )
+    logger.info("loaded %d %s buckets from %s on %s", len(runners), backend.value, engine_dir, device)
+    return EngineTransformer(engines, pruned=pruned)
+
+
+def attach(
+    pipe: Any,
+    engines: EngineTransformer | str | Path,
+    *,
+    backend: RuntimeBackend | str = "onnxruntime",
+    device: torch.device | str | None = None,
+    **load_kwargs: Any,
+) -> EngineTransformer:
+    """Make ``pipe`` (a ``StableDiffusion3Pipeline``) run the engines: swap ``pipe.transformer``, wire the scheduler.
+
+    ``engines``: an export directory (loaded with ``backend`` / ``device`` / ``load_kwargs``) or a loaded
+    runtime; a runtime already serving another pipeline is shared through a new view, so several
+    pipelines can use one set of engines at once. The pipeline's own transformer, if any, must have
+    the export's architecture fingerprint. Idempotent; :func:`detach` restores the original.
+    Returns the view now in ``pipe.transformer``.
+    """
+    if not (hasattr(pipe, "transformer") and hasattr(pipe, "scheduler")):
+        raise ConfigError(f"attach expects a StableDiffusion3Pipeline, got {type(pipe).__name__}")
+    detach(pipe)
+    if isinstance(engines, EngineTransformer):
+        view = engines
+        if view.scheduler is not None and view.scheduler is not pipe.scheduler:
+            view = view.share()
+    else:
+        view = load(engines, backend=backend, device=device, **load_kwargs)
+    original = pipe.transformer
+    if original is not None:
+        check_fingerprint(view.manifest, original, "the pipeline's transformer")
+    recorded = view.manifest.data.get("scheduler", {}).get("class")
+    if recorded and type(pipe.scheduler).__name__ != recorded:
+        logger.warning(
+            "the pipeline's scheduler is %s but the schedule was calibrated with %s; the engines run, but the "
+            "per-step keep counts were chosen for the other sampler", type(pipe.scheduler).__name__, recorded,
+        )
+    view.bind_scheduler(pipe.scheduler)
+    object.__setattr__(view, _ORIGINAL, original)  # plain attribute, not a registered submodule
+    pipe.transformer = view
+    return view
+
+
+def detach(pipe: Any) -> None:
+    """Undo :func:`attach`: ``pipe.transformer`` is the original module again (no-op if not attached)."""
+    current = getattr(pipe, "transformer", None)
+    if isinstance(current, EngineTransformer):
+        original = current.__dict__.get(_ORIGINAL)
+        current.bind_scheduler(None)
+        current.__dict__.pop(_ORIGINAL, None)
+        pipe.transformer = original

@@ -1,0 +1,136 @@
+"""Runners: one life cycle and one checked ``infer`` for every backend; the TensorRT buffer plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokprune.export.manifest import load_manifest
+from tokprune.runtime.runners import (
+    OnnxRuntimeRunner,
+    RunnerInputError,
+    RunnerStateError,
+    RuntimeBackend,
+    TorchRunner,
+    check_feed,
+)
+from tokprune.runtime.trt_runner import (
+    ALIGN,
+    TrtEngineSet,
+    buffer_plan,
+    require_tensorrt_runtime,
+)
+
+from tokprune.errors import BackendUnavailableError
+
+
+@pytest.fixture(scope="module")
+def manifest(pruned_export):
+    return load_manifest(pruned_export)
+
+
+@pytest.fixture(scope="module")
+def pruned_spec(manifest):
+    return manifest.bucket_specs()["k0064-t0080"]
+
+
+def test_backend_names():
+    assert RuntimeBackend.parse("ORT") is RuntimeBackend.ONNXRUNTIME
+    assert RuntimeBackend.parse("trt") is RuntimeBackend.TENSORRT
+    with pytest.raises(ValueError, match=r"backend 'tvm' is not one of .*--backend onnxruntime\|tensorrt\|torch"):
+        RuntimeBackend.parse("tvm")
+
+
+def test_onnxruntime_and_torch_runners_agree(manifest, pruned_spec, tiny_pipe):
+    feed = pruned_spec.sample_inputs(seed=3)
+    with OnnxRuntimeRunner(manifest.onnx_path(pruned_spec.key), pruned_spec) as ort, TorchRunner(tiny_pipe.transformer, pruned_spec) as ref:
+        assert ort.is_active and ref.is_active and not ort.aliases_outputs
+        a, b = ort.infer(feed), ref.infer(feed)
+    assert not ort.is_active
+    assert list(a) == pruned_spec.output_names() == list(b)
+    for name in a:
+        assert a[name].shape == b[name].shape
+        assert (a[name] - b[name]).abs().max() <= 1e-4, name
+
+
+def test_infer_before_activate_is_refused(manifest, pruned_spec):
+    runner = OnnxRuntimeRunner(manifest.onnx_path(pruned_spec.key), pruned_spec)
+    with pytest.raises(RunnerStateError, match=r"onnxruntime:k0064-t0080 is not active; call activate\(\)"):
+        runner.infer(pruned_spec.sample_inputs())
+    runner.activate()
+    runner.activate()  # no-op
+    runner.deactivate()
+    runner.deactivate()  # no-op
+    assert not runner.is_active
+
+
+def test_feed_is_checked_against_the_io_table(manifest, pruned_spec):
+    feed = pruned_spec.sample_inputs()
+    feed["img_idx"] = feed["img_idx"][:, :32]
+    feed["latent"] = feed["latent"].double()
+    del feed["cache.blocks.0.k"]
+    feed["extra"] = torch.zeros(1)
+    with OnnxRuntimeRunner(manifest.onnx_path(pruned_spec.key), pruned_spec) as runner:
+        with pytest.raises(RunnerInputError) as info:
+            runner.infer(feed)
+    text = str(info.value)
+    assert "img_idx: got shape (2, 32) int64 on cpu, expected shape (2, 64) int64" in text
+    assert "latent: got shape (2, 16, 32, 32) float64 on cpu, expected shape (2, 16, 32, 32) float32" in text
+    assert "cache.blocks.0.k: missing, expected shape (2, 4, 256, 8) float32" in text
+    assert "extra: unexpected input" in text
+
+
+def test_check_feed_names_the_device():
+    from tokprune.export.spec import INPUT, TensorSpec
+
+    spec = [TensorSpec("latent", (1, 2), "float32", INPUT)]
+    check_feed("k", spec, {"latent": torch.zeros(1, 2)}, device=torch.device("cpu"))
+    with pytest.raises(RunnerInputError, match=r"latent: got shape \(1, 2\) float32 on cpu, expected shape \(1, 2\) float32 on cuda"):
+        check_feed("k", spec, {"latent": torch.zeros(1, 2)}, device=torch.device("cuda"))
+
+
+def test_missing_onnx_file_is_refused(tmp_path, pruned_spec):
+    with pytest.raises(BackendUnavailableError, match="does not exist"):
+        OnnxRuntimeRunner(tmp_path / "nope.onnx", pruned_spec).activate()
+
+
+# ---- TensorRT, without TensorRT -----------------------------------------------------------------------
+def test_buffer_plan_from_the_io_tables(manifest):
+    specs = manifest.bucket_specs()
+    plan = buffer_plan(specs)
+    for key, spec in specs.items():
+        slots = plan.for_bucket(key)
+        assert [s.name for s in slots] == spec.output_names()  # outputs only: inputs are bound by address
+        end = 0
+        for s, t in zip(slots, spec.outputs()):
+            assert s.offset % ALIGN == 0 and s.offset >= end  # aligned, in order, no overlap
+            assert s.nbytes == t.nbytes and s.shape == t.shape and s.dtype == t.dtype
+            end = s.offset + s.nbytes
+        assert end <= plan.arena_bytes
+    # buckets share the arena: it is as large as the largest bucket, not their sum
+    sizes = [max(s.offset + s.nbytes for s in plan.for_bucket(k)) for k in specs]
+    assert max(sizes) <= plan.arena_bytes < max(sizes) + ALIGN < sum(sizes)
+    views = plan.views(torch.empty(plan.arena_bytes, dtype=torch.uint8), "k0064-t0080")
+    assert views["noise"].shape == (2, 16, 32, 32) and views["fresh.blocks.1.v"].shape == (2, 4, 64, 8)
+
+
+def test_buffer_plan_stages_small_inputs_for_cuda_graphs(manifest):
+    specs = manifest.bucket_specs()
+    plan = buffer_plan(specs, stage_inputs=True)
+    names = {s.name for s in plan.for_bucket("k0064-t0080")}
+    assert {"latent", "timestep", "img_idx", "txt_idx", "prev_noise", "noise"} <= names
+    assert not any(n.startswith("cache.") for n in names)  # caches stay bound by address
+
+
+def test_tensorrt_refused_without_tensorrt_or_gpu(manifest):
+    with pytest.raises(BackendUnavailableError, match=r"TensorRT is not installed.*--backend onnxruntime"):
+        require_tensorrt_runtime(trt_version=lambda: None, gpu=lambda: None)
+    with pytest.raises(BackendUnavailableError, match=r"no CUDA GPU is visible.*--backend onnxruntime"):
+        require_tensorrt_runtime(trt_version=lambda: "10.9.0", gpu=lambda: None)
+    specs = manifest.bucket_specs()
+    with pytest.raises(Exception, match=r"no TensorRT engine was built for buckets"):
+        TrtEngineSet({k: None for k in specs}, specs)
+    engines = TrtEngineSet({k: f"/nonexistent/{k}.plan" for k in specs}, specs, device="cpu")
+    runner = engines.runner("k0064-t0080")
+    with pytest.raises(BackendUnavailableError):
+        runner.activate()
+    assert not runner.is_active and not engines.is_active

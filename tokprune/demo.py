@@ -1,0 +1,209 @@
+"""``make demo``: export engines for the offline default model, then show what they do.
+
+One command, for a newcomer on a CPU machine:
+
+1. calibrate a keep schedule under ``--budget`` (a light profile: one prompt, a 2-point keep grid,
+   no text probes, token pruning only — a full calibration is ``tokprune-calibrate``), and freeze it into buckets;
+2. export every bucket to ONNX (``tokprune-export --schedule``), checked against PyTorch;
+3. generate the same held-out prompts with the same seeds twice — PyTorch eager dense (diffusers
+   as shipped) and the exported engines through ONNX Runtime inside the unmodified pipeline —
+   and write a picture grid (top row dense, bottom row pruned) next to a speed table.
+
+For the ``shapes`` yardstick the checker also scores both rows (attribute accuracy).
+
+Example::
+
+    tokprune-demo --model shapes --budget 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "shapes"
+FALLBACK_PROMPTS = ("a red circle", "two blue squares", "a green triangle on the left", "a yellow cross")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokprune-demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model to export (default {DEFAULT_MODEL}, offline)")
+    p.add_argument("--budget", type=float, default=0.5, help="fraction of dense transformer MACs (default 0.5)")
+    p.add_argument("--steps", type=int, default=16, help="denoising steps (default 16: quick on a CPU)")
+    p.add_argument("--n", type=int, default=4, help="images in the grid (default 4)")
+    p.add_argument("--calib-prompts", type=int, default=1, help="prompts for the light calibration (default 1)")
+    p.add_argument(
+        "--allow-reuse", action="store_true",
+        help="let calibration also replace whole steps by the previous prediction (off: the demo shows token pruning)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engines", type=Path, help="export directory (default engines/<model>-<H>x<W>-s<S>-b<B>)")
+    p.add_argument("--report", type=Path, default=Path("demo-output"), help="where the grid and table go")
+    return p
+
+
+def _prompts(model: str, n: int, *, split_seed: int) -> list[str]:
+    if model == "shapes":
+        from tokprune.yardstick.dataset import sample_spec
+
+        return [sample_spec(i, split_seed).caption for i in range(n)]
+    return [FALLBACK_PROMPTS[i % len(FALLBACK_PROMPTS)] for i in range(n)]
+
+
+def _generate(pipe: Any, prompts: list[str], kwargs: dict[str, Any], seed: int) -> tuple[Any, float]:
+    import torch
+
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    t0 = time.perf_counter()
+    images = pipe(prompts, generator=gens, output_type="np", **kwargs).images
+    return images, time.perf_counter() - t0
+
+
+def _grid(rows: list[tuple[str, Any]], prompts: list[str], path: Path) -> None:
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    h, w = rows[0][1].shape[1:3]
+    label_w, pad, cap_h = 90, 4, 28
+    canvas = Image.new("RGB", (label_w + len(prompts) * (w + pad), cap_h + len(rows) * (h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, prompt in enumerate(prompts):
+        draw.text((label_w + j * (w + pad), 2), "\n".join(_wrap(prompt, 24)[:2]), fill="black")
+    for i, (label, images) in enumerate(rows):
+        y = cap_h + i * (h + pad)
+        draw.text((4, y + h // 2 - 6), label, fill="black")
+        for j, img in enumerate(images):
+            tile = Image.fromarray((np.clip(img, 0, 1) * 255).round().astype("uint8"))
+            canvas.paste(tile, (label_w + j * (w + pad), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + ([line] if line else [])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from tokprune import runtime
+    from tokprune.calibrate.api import calibrate
+    from tokprune.calibrate.profile import default_grid, derive_align, profile_pipeline
+    from tokprune.export.exporter import ExportConfig, export_model
+    from tokprune.models import call_defaults, load_pipeline
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    pipe = load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    defaults = call_defaults(pipe)
+    kwargs = {k: v for k, v in defaults.items() if k in ("height", "width", "guidance_scale", "max_sequence_length")}
+    kwargs["num_inference_steps"] = args.steps
+    calib = _prompts(args.model, args.calib_prompts, split_seed=0)  # train split for calibration
+    shown = _prompts(args.model, args.n, split_seed=1)  # held-out split for the grid
+
+    print(f"[1/3] calibrating {args.model} for budget {args.budget} on {len(calib)} prompts, {args.steps} steps", flush=True)
+    vsf = int(pipe.vae_scale_factor)
+    height = kwargs.get("height", int(pipe.default_sample_size) * vsf)
+    width = kwargs.get("width", int(pipe.default_sample_size) * vsf)
+    patch = int(pipe.transformer.config.patch_size)
+    n_tokens = (height // vsf // patch) * (width // vsf // patch)
+    grid = default_grid(n_tokens, (0.25, 0.5), derive_align(n_tokens))
+    profile = profile_pipeline(
+        pipe, calib, steps=args.steps, guidance=kwargs.get("guidance_scale", 7.0), height=height, width=width,
+        batch_size=len(calib), max_sequence_length=kwargs.get("max_sequence_length", 256), image_grid=grid,
+        prune_text=False, seed=args.seed,
+    )
+    schedule = calibrate(
+        pipe, budget=args.budget, steps=args.steps, height=height, width=width,
+        guidance=kwargs.get("guidance_scale"), max_sequence_length=kwargs.get("max_sequence_length"),
+        prune_text=False, profile=profile, model=args.model, progress=False, allow_reuse=args.allow_reuse,
+    )
+    print(f"      schedule: mac_fraction {schedule.mac_fraction:.3f}, buckets {[b.key for b in schedule.buckets]}")
+
+    print("[2/3] exporting buckets to ONNX (checked against PyTorch in ONNX Runtime)", flush=True)
+    out = args.engines or Path("engines") / f"{args.model}-{height}x{width}-s{args.steps}-b{args.budget:g}"
+    args.report.mkdir(parents=True, exist_ok=True)
+    sched_path = args.report / "schedule.json"
+    schedule.save(sched_path)
+    export_model(ExportConfig(model=args.model, schedule_file=str(sched_path)), out, force=True, progress=True,
+                 command=f"tokprune-export --model {args.model} --schedule {sched_path}")
+
+    print(f"[3/3] generating {len(shown)} held-out prompts: eager dense vs engines (ONNX Runtime), same seeds", flush=True)
+    _generate(pipe, shown[:1], {**kwargs, "num_inference_steps": 2}, args.seed)  # warm-up
+    dense, t_dense = _generate(pipe, shown, kwargs, args.seed)
+    runtime.attach(pipe, out, backend="onnxruntime")
+    try:
+        _generate(pipe, shown[:1], kwargs, args.seed)  # warm-up (session creation)
+        pruned, t_pruned = _generate(pipe, shown, kwargs, args.seed)
+    finally:
+        runtime.detach(pipe)
+
+    diff = np.abs(dense.astype(np.float64) - pruned.astype(np.float64))
+    mse = float((diff**2).mean())
+    psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+    result: dict[str, Any] = {
+        "model": args.model, "budget": args.budget, "mac_fraction": schedule.mac_fraction, "steps": args.steps,
+        "n": len(shown), "dense_s": t_dense, "pruned_s": t_pruned, "speedup": t_dense / t_pruned, "psnr_db": psnr,
+        "engines": str(out),
+    }
+    if args.model == "shapes":
+        from tokprune.yardstick.checker import score
+        from tokprune.yardstick.dataset import sample_spec
+
+        specs = [sample_spec(i, 1) for i in range(len(shown))]
+        for name, imgs in (("dense", dense), ("pruned", pruned)):
+            result[f"accuracy_{name}"] = float(score([img for img in imgs], specs)["mean"])
+    _grid([("dense", dense), (f"pruned\nb={args.budget:g}", pruned)], shown, args.report / "grid.png")
+    table = _table(result)
+    (args.report / "speed.md").write_text(table + "\n")
+    print(table)
+    print(f"\ngrid: {args.report / 'grid.png'}   engines: {out}   (tokprune-inspect {out} --verify)")
+    return result
+
+
+def _table(r: dict[str, Any]) -> str:
+    rows = [
+        "| run | backend | MAC fraction | seconds for the grid | speedup | PSNR vs dense | accuracy |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| dense | PyTorch eager (diffusers) | 1.000 | {r['dense_s']:.1f} | 1.00x | | {_acc(r, 'dense')} |",
+        f"| pruned | ONNX Runtime engines | {r['mac_fraction']:.3f} | {r['pruned_s']:.1f} | {r['speedup']:.2f}x | "
+        f"{r['psnr_db']:.1f} dB | {_acc(r, 'pruned')} |",
+    ]
+    head = f"{r['model']}: {r['n']} images, {r['steps']} steps, budget {r['budget']:g} (CPU timings of one run: ratios, not absolutes)"
+    return head + "\n\n" + "\n".join(rows)
+
+
+def _acc(r: dict[str, Any], name: str) -> str:
+    v = r.get(f"accuracy_{name}")
+    return "" if v is None else f"{100 * v:.1f}%"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tokprune.errors import TokpruneError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except TokpruneError as exc:
+        print(f"tokprune-demo: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
