@@ -554,6 +554,9 @@ def _manifest(work, state, config, source, pipe, schedule, specs, store, model, 
         "versions": _versions(),
         "model": {"name": source.name, "source": source.kind, "ref": source.ref,
                   "fingerprint": state["identity"]["fingerprint"]},
+        # The full architecture, so a runtime can rebuild .config and check the fingerprint without the weights.
+        "transformer_config": json.loads(json.dumps(
+            {k: v for k, v in dict(pipe.transformer.config).items() if not k.startswith("_")}, default=list)),
         "height": schedule.height,
         "width": schedule.width,
         "steps": schedule.steps,

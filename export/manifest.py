@@ -172,6 +172,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "fingerprint": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
             },
         },
+        "transformer_config": {"type": "object", "description": "the SD3Transformer2DModel config (public keys)"},
         "height": {"type": "integer", "minimum": 1},
         "width": {"type": "integer", "minimum": 1},
         "steps": {"type": "integer", "minimum": 1},

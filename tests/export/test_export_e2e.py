@@ -51,6 +51,15 @@ def test_manifests_validate_against_the_schema(export_half, export_dense):
         assert data["model"]["name"] == "sd3-tiny" and (data["height"], data["width"]) == (64, 64)
 
 
+def test_manifest_records_the_architecture_behind_its_fingerprint(export_dense):
+    from tokprune.models import build_tiny_transformer, fingerprint
+
+    data = json.loads((export_dense["dir"] / "manifest.json").read_text())
+    recorded = data["transformer_config"]
+    assert fingerprint(recorded) == data["model"]["fingerprint"] == fingerprint(build_tiny_transformer("sd3"))
+    assert recorded["num_layers"] == build_tiny_transformer("sd3").config.num_layers
+
+
 def test_schema_file_is_the_one_the_code_uses():
     on_disk = json.loads((ROOT / "engines" / "manifest.schema.json").read_text())
     assert on_disk == MANIFEST_SCHEMA
