@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         run(args)
-    except TokpruneError as exc:
+    except TokpruneError as exc:  # clear message, no traceback
         print(f"tokprune-demo: error: {exc}", file=sys.stderr)
         return 1
     return 0
