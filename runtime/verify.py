@@ -131,10 +131,12 @@ def transformer_config(manifest: Any) -> dict[str, Any]:
     ``sample_size`` is the exported latent size, so the pipeline's default resolution is the
     engines').
     """
+    g = manifest.geometry
     recorded = manifest.data.get("transformer_config")
     if isinstance(recorded, Mapping):
-        return dict(recorded)
-    g = manifest.geometry
+        check_fingerprint(manifest, dict(recorded), "the manifest's recorded transformer_config")
+        # sample_size drives the pipeline's default resolution: make it the engines' resolution.
+        return {**recorded, "sample_size": g.latent_hw[0]}
     return {
         "sample_size": g.latent_hw[0],
         "patch_size": g.patch,
