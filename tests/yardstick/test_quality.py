@@ -86,8 +86,23 @@ def test_tiny_end_to_end_writes_valid_json(tmp_path, capsys, monkeypatch):
     out = tmp_path / "q"
     rc = quality.main(
         [
-            "--model", "sd3-tiny", "--n", "2", "--budgets", "0.5", "--methods", "calibrated,cat,random",
-            "--steps", "4", "--max-sequence-length", "16", "--calib-prompts", "2", "--out", str(out), "--quiet",
+            "--model",
+            "sd3-tiny",
+            "--n",
+            "2",
+            "--budgets",
+            "0.5",
+            "--methods",
+            "calibrated,cat,random",
+            "--steps",
+            "4",
+            "--max-sequence-length",
+            "16",
+            "--calib-prompts",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
         ]
     )
     assert rc == 0

@@ -31,9 +31,10 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -221,7 +222,9 @@ def run_benchmark(
         text_tokens=int(pipe.tokenizer.model_max_length) + msl,
     )
     # Progress in dense-config units (MAC-weighted), so tqdm's ETA is a cost-weighted ETA.
-    profile_units = _profile_units(geometry, s) if "calibrated" in methods or {"dynamics", "random"} & set(methods) else 0.0
+    profile_units = (
+        _profile_units(geometry, s) if "calibrated" in methods or {"dynamics", "random"} & set(methods) else 0.0
+    )
     total_units = 1.0 + profile_units + len(methods) * sum(budgets)
     bar = tqdm(total=round(total_units, 2), desc="quality", unit="dense-cfg", disable=not progress, dynamic_ncols=True)
     timing: dict[str, Any] = {"estimated_units": round(total_units, 2)}
@@ -229,8 +232,16 @@ def run_benchmark(
 
     dense_images, secs = _generate(pipe, s, "dense")
     # psnr_db None: dense is the reference, identical to itself (infinite PSNR).
-    dense: dict[str, Any] = dict(method="dense", budget=1.0, mac_fraction=1.0, psnr_db=None, ssim=1.0,
-                                 accuracy=None, per_attribute=None, seconds=round(secs, 2))
+    dense: dict[str, Any] = {
+        "method": "dense",
+        "budget": 1.0,
+        "mac_fraction": 1.0,
+        "psnr_db": None,
+        "ssim": 1.0,
+        "accuracy": None,
+        "per_attribute": None,
+        "seconds": round(secs, 2),
+    }
     if reason is None:
         dense.update(_score(dense_images, s))
     result["dense"] = dense
@@ -240,14 +251,26 @@ def run_benchmark(
     logger.info(
         "dense config (%d images, one batched call) took %.1f s; estimated remaining %.1f min (%.1f dense-config "
         "units: profiling %.2f + %d configs at their MAC fractions)",
-        len(s.captions), secs, eta / 60, total_units - 1.0, profile_units, len(methods) * len(budgets),
+        len(s.captions),
+        secs,
+        eta / 60,
+        total_units - 1.0,
+        profile_units,
+        len(methods) * len(budgets),
     )
     if on_row:
         on_row(result)
 
     # Exactly as the pipeline is called: steps, guidance, size, T5 length; cat policy, calibration seed.
-    same = dict(steps=s.steps, guidance=float(call["guidance_scale"]), height=height, width=width, policy="cat",
-                seed=s.seed, max_sequence_length=msl)
+    same = {
+        "steps": s.steps,
+        "guidance": float(call["guidance_scale"]),
+        "height": height,
+        "width": width,
+        "policy": "cat",
+        "seed": s.seed,
+        "max_sequence_length": msl,
+    }
     profile = None
     if profile_units:
         t0 = time.perf_counter()
@@ -256,26 +279,44 @@ def run_benchmark(
         )
         timing["profile_s"] = round(time.perf_counter() - t0, 2)
         bar.update(round(profile_units, 2))
-        logger.info("profiled %d train captions in %.1f s (estimated %.1f s)", len(s.calib_captions),
-                    timing["profile_s"], secs * profile_units)
+        logger.info(
+            "profiled %d train captions in %.1f s (estimated %.1f s)",
+            len(s.calib_captions),
+            timing["profile_s"],
+            secs * profile_units,
+        )
 
     for budget in budgets:
         sched = None
         if profile is not None:
-            sched = calibrate(pipe, budget=budget, prompts=list(s.calib_captions), num_prompts=None,
-                              model=s.model, profile=profile, progress=False, **same)
+            sched = calibrate(
+                pipe,
+                budget=budget,
+                prompts=list(s.calib_captions),
+                num_prompts=None,
+                model=s.model,
+                profile=profile,
+                progress=False,
+                **same,
+            )
         done: dict[str, dict[str, Any]] = {}
         for method in methods:
             if method == "cat":
-                plan, policy, source = cat_schedule(geometry, s.steps, budget), "cat", "cat_schedule"
+                plan, policy, source = (cat_schedule(geometry, s.steps, budget), "cat", "cat_schedule")
             else:
-                plan, policy, source = sched.to_plan(), ("cat" if method == "calibrated" else method), "calibrated"
+                plan, policy, source = (sched.to_plan(), ("cat" if method == "calibrated" else method), "calibrated")
             frac = mac_fraction(geometry, plan)
             if source == "calibrated" and "calibrated" in done and not _selects(plan, geometry.num_tokens):
                 # No step keeps 0 < K < N image tokens: the policy is never asked to select, so the run is
                 # bit-identical to the calibrated one (same plan, seeds, text selection). Record, don't rerun.
-                row = {**done["calibrated"], "method": method, "policy": policy, "seconds": 0.0,
-                       "identical_to": "calibrated", "identical_reason": NO_SELECT_NOTE}
+                row = {
+                    **done["calibrated"],
+                    "method": method,
+                    "policy": policy,
+                    "seconds": 0.0,
+                    "identical_to": "calibrated",
+                    "identical_reason": NO_SELECT_NOTE,
+                }
                 result["rows"].append(row)
                 bar.update(round(budget, 2))
                 logger.info("%-10s budget %.2f: %s", method, budget, NO_SELECT_NOTE)
@@ -288,12 +329,21 @@ def run_benchmark(
             finally:
                 pruning.remove(pipe)
             p, q = psnr(images, dense_images), ssim(images, dense_images)
-            row: dict[str, Any] = dict(
-                method=method, budget=float(budget), mac_fraction=frac, psnr_db=_mean_psnr(p), ssim=float(np.mean(q)),
-                accuracy=None, per_attribute=None, policy=policy, schedule=source, plan=_plan_dict(plan),
-                psnr_db_per_image=[float(v) if math.isfinite(v) else None for v in p],
-                ssim_per_image=[float(v) for v in q], seconds=round(secs, 2),
-            )
+            row: dict[str, Any] = {
+                "method": method,
+                "budget": float(budget),
+                "mac_fraction": frac,
+                "psnr_db": _mean_psnr(p),
+                "ssim": float(np.mean(q)),
+                "accuracy": None,
+                "per_attribute": None,
+                "policy": policy,
+                "schedule": source,
+                "plan": _plan_dict(plan),
+                "psnr_db_per_image": [float(v) if math.isfinite(v) else None for v in p],
+                "ssim_per_image": [float(v) for v in q],
+                "seconds": round(secs, 2),
+            }
             if reason is None:
                 row.update(_score(images, s))
             result["rows"].append(row)
@@ -301,8 +351,13 @@ def run_benchmark(
             bar.update(round(budget, 2))
             logger.info(
                 "%-10s budget %.2f: MACs %.3f  PSNR %s dB  SSIM %.4f%s  (%.1f s)",
-                method, budget, frac, _fmt(row["psnr_db"], 2), row["ssim"],
-                "" if reason else f"  acc {100 * row['accuracy']:.1f}%", secs,
+                method,
+                budget,
+                frac,
+                _fmt(row["psnr_db"], 2),
+                row["ssim"],
+                "" if reason else f"  acc {100 * row['accuracy']:.1f}%",
+                secs,
             )
             if on_row:
                 on_row(result)
@@ -359,12 +414,15 @@ def findings(result: dict[str, Any]) -> list[str]:
         if not xs:
             return
         pa, pb = [by[(a, x)] for x in xs], [by[(b, x)] for x in xs]
-        parts = [f"MAC fractions differ by at most {max(abs(p['mac_fraction'] - q['mac_fraction']) for p, q in zip(pa, pb)):.3f}"]
+        parts = [
+            f"MAC fractions differ by at most {max(abs(p['mac_fraction'] - q['mac_fraction']) for p, q in zip(pa, pb)):.3f}"
+        ]
         if has_acc:
             d = [100 * (p["accuracy"] - q["accuracy"]) for p, q in zip(pa, pb)]
             parts.append(
                 f"accuracy of {a} {tally(d, 1e-9)} ("
-                + ", ".join(f"{x:g}: {v:+.1f}" for x, v in zip(xs, d)) + f" points; mean {np.mean(d):+.1f})"
+                + ", ".join(f"{x:g}: {v:+.1f}" for x, v in zip(xs, d))
+                + f" points; mean {np.mean(d):+.1f})"
             )
         dp = [p["psnr_db"] - q["psnr_db"] for p, q in zip(pa, pb) if None not in (p["psnr_db"], q["psnr_db"])]
         if dp:
@@ -377,8 +435,16 @@ def findings(result: dict[str, Any]) -> list[str]:
         out.append(f"{label}: " + "; ".join(parts) + ".")
 
     compare("calibrated", "cat", "Calibrated vs CAT at equal MACs")
-    compare("calibrated", "random", "Calibrated vs random (same plan)")
     compare("calibrated", "dynamics", "Calibrated (cat policy) vs dynamics policy (same plan)")
+    out += _verdicts(by, budgets, has_acc)
+    cal = [(x, by[("calibrated", x)]["plan"]["image_keep"]) for x in budgets if ("calibrated", x) in by]
+    if cal:
+        out.append(
+            "Calibrated plans (steps with 0 < K < N image tokens / reuse steps of "
+            f"{len(cal[0][1])}): "
+            + ", ".join(f"{x:g}: {sum(k > 0 for k in p)}/{p.count(0)}" for x, p in cal)
+            + "; the policies differ only on the first kind."
+        )
     if has_acc:
         half = by.get(("calibrated", 0.5))
         if half is not None:
@@ -391,6 +457,58 @@ def findings(result: dict[str, Any]) -> list[str]:
             )
     else:
         out.append(f"Accuracy not measured: {result['accuracy_skipped']}.")
+    return out
+
+
+def _verdicts(by: dict, budgets: list[float], has_acc: bool) -> list[str]:
+    """The expectations stated with the issue, each marked holds / refuted from the rows."""
+    out = []
+    xs = [x for x in budgets if ("calibrated", x) in by and ("cat", x) in by]
+    if xs:
+        metrics = (["accuracy"] if has_acc else []) + ["psnr_db", "ssim"]
+        fails = {m: [x for x in xs if (by[("calibrated", x)][m] or 0) < (by[("cat", x)][m] or 0)] for m in metrics}
+        text = "; ".join(
+            f"{m}: "
+            + (
+                "holds"
+                if not f
+                else "refuted at "
+                + ", ".join(f"{x:g} (CAT {by[('cat', x)][m]:.4g} vs {by[('calibrated', x)][m]:.4g})" for x in f)
+            )
+            for m, f in fails.items()
+        )
+        out.append(f"Expectation 'calibrated >= CAT at every budget': {text}.")
+    xs = [x for x in budgets if ("calibrated", x) in by and ("random", x) in by]
+    if xs:
+        same = [x for x in xs if by[("random", x)].get("identical_to") == "calibrated"]
+        diff = [x for x in xs if x not in same]
+        gains = [(x, by[("calibrated", x)], by[("random", x)]) for x in diff]
+        detail = ", ".join(
+            f"{x:g}: "
+            + (f"{100 * (c['accuracy'] - r['accuracy']):+.1f} points, " if has_acc else "")
+            + f"{(c['psnr_db'] or 0) - (r['psnr_db'] or 0):+.2f} dB"
+            for x, c, r in gains
+        )
+        clear = (
+            bool(gains)
+            and not same
+            and all(
+                (c["psnr_db"] or 0) > (r["psnr_db"] or 0) and (not has_acc or c["accuracy"] >= r["accuracy"])
+                for _, c, r in gains
+            )
+        )
+        out.append(
+            "Expectation 'calibrated clearly better than random': "
+            + ("holds" if clear else "not shown")
+            + ": "
+            + (
+                f"identical by construction at {', '.join(f'{x:g}' for x in same)} (the plan never selects image "
+                "tokens, so the policy is moot); "
+                if same
+                else ""
+            )
+            + (f"calibrated minus random at {detail}." if gains else "no budget where they differ.")
+        )
     return out
 
 
@@ -411,14 +529,27 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
         x = [r["mac_fraction"] for r in rs]
         if dense.get("accuracy") is not None:
             ax_acc.plot(x, [100 * r["accuracy"] for r in rs], marker=mk, linestyle=ls, label=m)
-        ax_psnr.plot(x, [np.nan if r["psnr_db"] is None else r["psnr_db"] for r in rs], marker=mk, linestyle=ls, label=m)
+        ax_psnr.plot(
+            x, [np.nan if r["psnr_db"] is None else r["psnr_db"] for r in rs], marker=mk, linestyle=ls, label=m
+        )
     if dense.get("accuracy") is not None:
-        ax_acc.axhline(100 * dense["accuracy"], color="black", linestyle="--", linewidth=1,
-                       label=f"dense {100 * dense['accuracy']:.1f}%")
+        ax_acc.axhline(
+            100 * dense["accuracy"],
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"dense {100 * dense['accuracy']:.1f}%",
+        )
         ax_acc.legend(fontsize=8)
     else:
-        ax_acc.text(0.5, 0.5, "accuracy not measured\n(not a trained yardstick)", ha="center", va="center",
-                    transform=ax_acc.transAxes)
+        ax_acc.text(
+            0.5,
+            0.5,
+            "accuracy not measured\n(not a trained yardstick)",
+            ha="center",
+            va="center",
+            transform=ax_acc.transAxes,
+        )
     ax_acc.set_xlabel("MAC fraction of dense")
     ax_acc.set_ylabel("attribute accuracy (%)")
     ax_acc.set_title("checker accuracy vs MACs")
@@ -443,19 +574,29 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Quality benchmark: {result['model']}",
         "",
-        "Pruned vs dense on the same held-out captions and seeds: PSNR / SSIM of the final images (in [0, 1]; SSIM "
-        "gaussian window 11, sigma 1.5), the yardstick checker's attribute accuracy, and the achieved MAC fraction.",
+        (
+            "Pruned vs dense on the same held-out captions and seeds: PSNR / SSIM of the final images (in [0, 1]; SSIM "
+            "gaussian window 11, sigma 1.5), the yardstick checker's attribute accuracy, and the achieved MAC fraction."
+        ),
         "",
         f"- command: `{result['command']}`",
         f"- wall time: {result['wall_time_s'] / 60:.1f} min ({result['wall_time_s']:.0f} s)",
-        f"- versions: python {v['python']}, torch {v['torch']}, diffusers {v['diffusers']}, numpy {v['numpy']}, "
-        f"tokprune {v['tokprune']}; {v['device']}, {v['threads']} threads",
-        f"- sampling: {st['call']}; n={st['n']} held-out captions (split seed {st['split_seed']}), image i seeded "
-        f"{st['seed']}+i, all n in one batched call",
-        f"- calibration: profile measured once on {st['calib_prompts']} train-split captions, re-optimised per budget "
-        "(`calibrate(..., profile=...)`, cat policy, default 4 buckets)",
-        "- CAT: `cat_schedule` (dense warm-up of round(8/28 x steps) steps, fewer if the budget needs it, then one "
-        "fixed K closest to the budget's MACs; text never pruned), cat policy",
+        (
+            f"- versions: python {v['python']}, torch {v['torch']}, diffusers {v['diffusers']}, numpy {v['numpy']}, "
+            f"tokprune {v['tokprune']}; {v['device']}, {v['threads']} threads"
+        ),
+        (
+            f"- sampling: {st['call']}; n={st['n']} held-out captions (split seed {st['split_seed']}), image i seeded "
+            f"{st['seed']}+i, all n in one batched call"
+        ),
+        (
+            f"- calibration: profile measured once on {st['calib_prompts']} train-split captions, re-optimised per budget "
+            "(`calibrate(..., profile=...)`, cat policy, default 4 buckets)"
+        ),
+        (
+            "- CAT: `cat_schedule` (dense warm-up of round(8/28 x steps) steps, fewer if the budget needs it, then one "
+            "fixed K closest to the budget's MACs; text never pruned), cat policy"
+        ),
         f"- note: {PLAN_NOTE}",
     ]
     copied = [f"{r['method']}@{r['budget']:g}" for r in result["rows"] if r.get("identical_to")]
@@ -464,11 +605,16 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("accuracy_skipped"):
         lines.append(f"- accuracy skipped: {result['accuracy_skipped']}")
     t = result.get("timing", {})
-    lines.append(f"- time: dense config {t.get('dense_s', 0):.0f} s, profiling {t.get('profile_s', 0):.0f} s; per row in the s column")
+    lines.append(
+        f"- time: dense config {t.get('dense_s', 0):.0f} s, profiling {t.get('profile_s', 0):.0f} s; per row in the s column"
+    )
     lines += ["", "## Findings", ""] + [f"- {f}" for f in result["findings"]]
     lines += ["", "## Plans (per step: D dense, R reuse, K kept image tokens, /t text tokens kept)", ""]
-    lines += [f"- {r['method']}@{r['budget']:g}: `{_plan_str(r['plan'])}`" for r in result["rows"]
-              if r["method"] in ("calibrated", "cat")]
+    lines += [
+        f"- {r['method']}@{r['budget']:g}: `{_plan_str(r['plan'])}`"
+        for r in result["rows"]
+        if r["method"] in ("calibrated", "cat")
+    ]
     lines += ["", "## Results", "", "![quality](quality.png)", "", table(result), ""]
     return "\n".join(lines)
 
@@ -476,8 +622,10 @@ def markdown(result: dict[str, Any]) -> str:
 def _plan_str(plan: dict[str, Any]) -> str:
     """Run-length string of a plan dict, e.g. ``D x8 | 384 x20`` or ``D x5 | 512/t40 x10 | R x13``."""
     text = plan["text_keep"] or [-1] * len(plan["image_keep"])
-    cells = [("D" if k == -1 else "R" if k == 0 else str(k)) + ("" if t == -1 or k == 0 else f"/t{t}")
-             for k, t in zip(plan["image_keep"], text)]
+    cells = [
+        ("D" if k == -1 else "R" if k == 0 else str(k)) + ("" if t == -1 or k == 0 else f"/t{t}")
+        for k, t in zip(plan["image_keep"], text)
+    ]
     runs: list[list[Any]] = []
     for c in cells:
         if runs and runs[-1][0] == c:
@@ -492,9 +640,15 @@ def _versions() -> dict[str, Any]:
 
     import tokprune
 
-    return dict(python=platform.python_version(), torch=torch.__version__, diffusers=diffusers.__version__,
-                numpy=np.__version__, tokprune=tokprune.__version__, threads=torch.get_num_threads(),
-                device=f"cpu ({platform.processor() or platform.machine()})")
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "numpy": np.__version__,
+        "tokprune": tokprune.__version__,
+        "threads": torch.get_num_threads(),
+        "device": f"cpu ({platform.processor() or platform.machine()})",
+    }
 
 
 # --------------------------------------------------------------------------- CLI
@@ -512,20 +666,29 @@ def _methods(text: str) -> tuple[str, ...]:
     vals = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
     bad = [m for m in vals if m not in METHODS]
     if not vals or bad:
-        raise ConfigError(f"--methods {text!r}: unknown {bad}; expected a comma-separated subset of {','.join(METHODS)}")
+        raise ConfigError(
+            f"--methods {text!r}: unknown {bad}; expected a comma-separated subset of {','.join(METHODS)}"
+        )
     return vals
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     p.add_argument("--model", default="shapes", help="model (default: shapes, the trained yardstick)")
-    p.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS),
-                   help="MAC budgets, comma-separated (default: 0.3,0.4,0.5,0.6,0.75)")
-    # 6, not 8: on the shared 2-core CPU the default run takes ~1 h even at n=6 (see results/quality/quality.md).
-    p.add_argument("--n", type=int, default=6, help="held-out captions per configuration, one batched call (default: 6)")
+    p.add_argument(
+        "--budgets",
+        default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS),
+        help="MAC budgets, comma-separated (default: 0.3,0.4,0.5,0.6,0.75)",
+    )
+    # n=8: the default run takes ~25 min on a quiet 2-core CPU (about twice that with another job on the cores).
+    p.add_argument(
+        "--n", type=int, default=8, help="held-out captions per configuration, one batched call (default: 8)"
+    )
     p.add_argument("--calib-prompts", type=int, default=4, help="train-split captions to profile on (default: 4)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)} (default: all)")
-    p.add_argument("--out", type=Path, default=Path("results/quality"), help="output directory (default: results/quality)")
+    p.add_argument(
+        "--out", type=Path, default=Path("results/quality"), help="output directory (default: results/quality)"
+    )
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, else 28)")
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's, else 256)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed+i (default: 0)")
@@ -582,11 +745,18 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         "model": args.model,
         "command": shlex.join([*_invocation(), *argv]),
         "versions": _versions(),
-        "settings": dict(
-            call=call, n=args.n, calib_prompts=args.calib_prompts, split_seed=EVAL_SEED, calib_split_seed=TRAIN_SEED,
-            seed=args.seed, budgets=list(budgets), methods=list(methods), captions=list(s.captions),
-            calib_captions=list(s.calib_captions),
-        ),
+        "settings": {
+            "call": call,
+            "n": args.n,
+            "calib_prompts": args.calib_prompts,
+            "split_seed": EVAL_SEED,
+            "calib_split_seed": TRAIN_SEED,
+            "seed": args.seed,
+            "budgets": list(budgets),
+            "methods": list(methods),
+            "captions": list(s.captions),
+            "calib_captions": list(s.calib_captions),
+        },
         "notes": [PLAN_NOTE, "psnr_db null = identical to dense (infinite)", "accuracy = mean of the four attributes"],
     }
 
@@ -612,7 +782,10 @@ def report(result: dict[str, Any], out: str | Path) -> str:
     return (
         f"\nwrote {out / 'quality.json'}, {out / 'quality.md'}, {out / 'quality.png'}\n"
         f"command: {result['command']}\nwall time: {result['wall_time_s'] / 60:.1f} min\n\n"
-        + "\n".join(f"- {f}" for f in result["findings"]) + "\n\n" + table(result) + "\n"
+        + "\n".join(f"- {f}" for f in result["findings"])
+        + "\n\n"
+        + table(result)
+        + "\n"
     )
 
 
