@@ -167,7 +167,7 @@ def export_bucket_onnx(
     module = BucketModule(model, spec).eval()
     args = tuple(spec.sample_inputs(seed).values())
     names = dict(input_names=spec.input_names(), output_names=spec.output_names(), opset_version=opset)
-    with torch.no_grad(), precision_patches(spec.precision), _empty_as_zeros(), _quiet_exporter():
+    with torch.no_grad(), precision_patches(spec.precision), _quiet_exporter():
         try:
             torch.onnx.export(module, args, str(path), dynamo=True, external_data=True, optimize=True, verbose=False, **names)
             return "dynamo"
@@ -185,38 +185,6 @@ def export_bucket_onnx(
         except Exception as exc:
             raise ExportError(f"ONNX export of bucket {spec.key} failed with both exporters: {exc}") from exc
         return "torchscript"
-
-
-class _ZerosForEmpty:
-    """Stands in for the ``torch`` module inside the pruned forward while tracing: ``empty`` -> ``zeros``.
-
-    The dense path allocates its output with ``torch.empty`` and overwrites every row; the exporter
-    would freeze that uninitialised memory into the graph as a constant (non-deterministic bytes,
-    a weight-sized initializer). ``empty``'s contents are unspecified, so zeros is a valid
-    implementation, and :func:`finalize_onnx` turns the zero constant into a ``ConstantOfShape``.
-    """
-
-    def __getattr__(self, name: str):
-        if name == "empty":
-            return _zeros_like_empty
-        return getattr(torch, name)
-
-
-def _zeros_like_empty(*size, **kwargs):
-    kwargs.pop("memory_format", None)
-    return torch.zeros(*size, **kwargs)
-
-
-@contextlib.contextmanager
-def _empty_as_zeros() -> Iterator[None]:
-    from tokprune.pruning import forward as forward_module
-
-    original = forward_module.torch
-    forward_module.torch = _ZerosForEmpty()
-    try:
-        yield
-    finally:
-        forward_module.torch = original
 
 
 @contextlib.contextmanager

@@ -264,8 +264,8 @@ def pruned_forward(
             for _, name in gated_parts:
                 scatter_rows(caches[name], img_idx, fresh[name], inplace=True)
         rows = model.proj_out(model.norm_out(x, temb))  # (B, K, P)
-        if dense:
-            base = torch.empty(g.batch, n, g.token_channels, dtype=rows.dtype, device=rows.device)
+        if dense:  # zeros, not empty: every row is overwritten, and traced graphs must not freeze garbage
+            base = rows.new_zeros(g.batch, n, g.token_channels)
         else:
             base = patchify(prev_noise, g.patch).to(rows.dtype)  # (B, N, P)
         tokens = scatter_rows(base, img_idx, rows, inplace=dense)  # dense: every row is written

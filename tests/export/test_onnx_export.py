@@ -36,7 +36,7 @@ def test_dense_bucket_has_no_uninitialised_constant(export_dense):
     (key,) = m.keys
     g = m.geometry
     proto = onnx.load(str(m.onnx_path(key)), load_external_data=False)
-    # the dense path's torch.empty output buffer (B, N, P) must not become a random-bytes initializer
+    # the dense path's zero-filled output buffer (B, N, P) must not become a random-bytes initializer
     assert (g.batch, g.num_tokens, g.token_channels) not in {tuple(i.dims) for i in proto.graph.initializer}
     assert any(n.op_type == "ConstantOfShape" for n in proto.graph.node)
 
