@@ -68,6 +68,39 @@ class PrunePlan:
     def prunes_text(self) -> bool:
         return self.text_keep is not None and any(k != ALL for k in self.text_keep)
 
+    def is_dense(self, step: int) -> bool:
+        """All image and all text tokens at ``step`` (the only steps that may reset a policy's reference)."""
+        return self.image_keep[step] == ALL and (self.text_keep is None or self.text_keep[step] == ALL)
+
+    def prunes_text_at(self, step: int) -> bool:
+        """``step`` calls the transformer with fewer than all text tokens."""
+        return self.image_keep[step] != 0 and self.text_keep is not None and self.text_keep[step] != ALL
+
+    def probe_steps(self) -> tuple[int, ...]:
+        """Steps whose dense call must also measure text importance (the ``text_mass`` probe).
+
+        Text pruning ranks text tokens by the attention mass measured at the last dense full-text
+        step before it. So a step probes iff it is dense (all image and text tokens) and the next
+        step that is either dense or text-pruned is text-pruned. Reuse steps and image-only pruned
+        steps in between do not change the measured importance. Empty when text is never pruned.
+
+        >>> PrunePlan((ALL, ALL, 8, 0, 8), text_keep=(ALL, ALL, 4, ALL, 4)).probe_steps()
+        (1,)
+        """
+        if not self.prunes_text():
+            return ()
+        out = []
+        for s in range(self.num_steps):
+            if not self.is_dense(s):
+                continue
+            for nxt in range(s + 1, self.num_steps):
+                if self.prunes_text_at(nxt):
+                    out.append(s)
+                    break
+                if self.is_dense(nxt):
+                    break
+        return tuple(out)
+
     @classmethod
     def dense(cls, steps: int) -> "PrunePlan":
         return cls(image_keep=(ALL,) * steps)
