@@ -23,8 +23,14 @@ text rows, hidden width ``D``:
 still runs the T text queries through attention. ``tests/pruning/test_macs.py`` checks both
 against ``FlopCounterMode`` (flops / 2) within 2 %.
 
+The text-importance probe (``pruned_forward(..., record_text=True)``, the ``text_mass`` output
+of the dense probe bucket) recomputes ``Q K^T`` for all ``K + T'`` queries over all ``N + T'``
+keys in every block: :func:`text_mass_macs`, added by ``step_macs(..., probe=True)``. A sampling
+run pays it only at :meth:`PrunePlan.probe_steps` (the dense step before each text-pruned
+stretch), and :func:`plan_macs` / :func:`mac_fraction` count it there.
+
 Budgets (:func:`mac_fraction`) are relative to :func:`dense_macs`, a dense step as tokprune
-runs it (``step_macs(g, N)``), so an all-dense plan is exactly 1.0.
+runs it (``step_macs(g, N)``, no probe), so an all-dense plan is exactly 1.0.
 
 Example::
 
@@ -42,7 +48,15 @@ from tokprune.errors import ConfigError
 from tokprune.pruning.geometry import REUSE_MODES, Geometry
 from tokprune.pruning.plan import ALL, PrunePlan
 
-__all__ = ["TIMESTEP_CHANNELS", "dense_macs", "diffusers_dense_macs", "mac_fraction", "plan_macs", "step_macs"]
+__all__ = [
+    "TIMESTEP_CHANNELS",
+    "dense_macs",
+    "diffusers_dense_macs",
+    "mac_fraction",
+    "plan_macs",
+    "step_macs",
+    "text_mass_macs",
+]
 
 TIMESTEP_CHANNELS = 256  # diffusers' CombinedTimestepTextProjEmbeddings sinusoid width
 
@@ -83,21 +97,40 @@ def _call_macs(g: Geometry, keep: int, keep_text: int, *, reuse: str, last_text_
     return macs
 
 
-def step_macs(geometry: Geometry, keep: int, keep_text: int | None = None, reuse: str = "noise") -> int:
+def text_mass_macs(geometry: Geometry, keep: int | None = None, keep_text: int | None = None) -> int:
+    """Extra MACs of the text-importance probe on a call keeping ``keep`` image and ``keep_text`` text rows.
+
+    ``pruned_forward(..., record_text=True)`` scores text tokens by the attention mass they
+    receive: per block one more ``Q K^T`` of the ``K + T'`` queries over the ``N + T'`` keys (the
+    softmax and sums are not MACs). Defaults: the dense full-text call, where it is
+    ``B * L * (N + T)^2 * D``. Batch (both CFG halves) included.
+    """
+    k = _resolve(keep, geometry.num_tokens, "keep")
+    tk = _resolve(keep_text, geometry.text_tokens, "keep_text")
+    return geometry.batch * geometry.num_layers * (k + tk) * (geometry.num_tokens + tk) * geometry.dim
+
+
+def step_macs(
+    geometry: Geometry, keep: int, keep_text: int | None = None, reuse: str = "noise", *, probe: bool = False
+) -> int:
     """MACs of one ``pruned_forward`` call keeping ``keep`` image and ``keep_text`` text tokens.
 
     ``keep``: ALL (-1) or N = dense, 0 = reuse step (no call, 0 MACs). ``keep_text``: None or
-    ALL = all T. Batch (both CFG halves) included.
+    ALL = all T. ``probe``: the call also measures text importance (``record_text=True``; adds
+    :func:`text_mass_macs`). Batch (both CFG halves) included.
     """
     if reuse not in REUSE_MODES:
         raise ConfigError(f"reuse={reuse!r}; expected one of {REUSE_MODES}")
     k = _resolve(keep, geometry.num_tokens, "keep")
     if k == 0:
+        if probe:
+            raise ConfigError("probe=True on a reuse step (keep = 0): a step without a transformer call measures nothing")
         return 0
     tk = _resolve(keep_text, geometry.text_tokens, "keep_text")
     if tk == 0:
         raise ConfigError("keep_text = 0; a transformer call keeps at least one text token (or ALL)")
-    return geometry.batch * _call_macs(geometry, k, tk, reuse=reuse, last_text_queries=False)
+    macs = geometry.batch * _call_macs(geometry, k, tk, reuse=reuse, last_text_queries=False)
+    return macs + (text_mass_macs(geometry, k, tk) if probe else 0)
 
 
 def dense_macs(geometry: Geometry) -> int:
@@ -113,13 +146,20 @@ def diffusers_dense_macs(geometry: Geometry) -> int:
 
 
 def plan_macs(geometry: Geometry, plan: PrunePlan, reuse: str = "noise") -> int:
-    """Total MACs of a sampling run following ``plan`` (reuse steps cost 0)."""
+    """Total MACs of a sampling run following ``plan``: reuse steps cost 0, probe steps add the probe."""
+    probes = set(plan.probe_steps())
     return sum(
-        step_macs(geometry, plan.image_k(s, geometry.num_tokens), plan.text_k(s, geometry.text_tokens), reuse)
+        step_macs(
+            geometry, plan.image_k(s, geometry.num_tokens), plan.text_k(s, geometry.text_tokens), reuse,
+            probe=s in probes,
+        )
         for s in range(plan.num_steps)
     )
 
 
 def mac_fraction(geometry: Geometry, plan: PrunePlan, reuse: str = "noise") -> float:
-    """``plan_macs / (steps * dense_macs)``: the fraction of a dense run's MACs the plan spends."""
+    """``plan_macs / (steps * dense_macs)``: the fraction of a dense run's MACs the plan spends.
+
+    Counts everything that runs, the text-importance probe at :meth:`PrunePlan.probe_steps` included.
+    """
     return plan_macs(geometry, plan, reuse) / (plan.num_steps * dense_macs(geometry))
