@@ -14,8 +14,12 @@ Pure tensor code (no diffusers). Every policy follows one life cycle per samplin
 Rules every policy keeps, so selection can run next to an engine without stalling it:
 the keep count ``k`` is a Python int and the result has exactly ``k`` entries; all work
 stays on the device of the tensors (no ``.item()``, ``.tolist()``, ``.cpu()``, no Python
-loop over tokens, no data-dependent shape). Ties are always broken towards the lower
-token index (stable sorts), so results are deterministic.
+loop over tokens, no data-dependent shape). Ties are broken by a fixed spatially spread order
+of the tokens (:func:`spread_order`), never by raw index, so results are deterministic and a
+step with equal scores still covers the whole image.
+
+Under classifier-free guidance the sampler gives a policy one row per prompt (the guided
+prediction) and shares the selected indices between both halves of the batch.
 
 ``observe`` copies the prediction into the policy's own buffers: the caller may reuse
 its output buffer right away.
@@ -54,6 +58,7 @@ __all__ = [
     "make_policy",
     "select_text_tokens",
     "positional_encoding",
+    "spread_order",
 ]
 
 _REGISTRY: dict[str, type["SelectionPolicy"]] = {}
@@ -104,6 +109,39 @@ def _check_k(k: int, n: int, what: str) -> None:
             f"{what}: keep count k must be a Python int in [1, {n}]; got k={k!r}, expected 1 <= k <= N={n}. "
             "Fix the keep schedule (a tensor k would force a host sync)."
         )
+
+
+def spread_order(grid: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(N,) int64 token indices of an (h, w) grid in a spatially spread order.
+
+    The order sorts tokens by their bit-reversed Morton (Z-order) code: any prefix of it covers
+    the grid evenly (the first four tokens fall in four different quadrants, the first 16 in 16
+    sub-quadrants, ...). Selection uses it to break ties, so equal scores never pick the top rows
+    of the image in raster order.
+    """
+    h, w = _check_grid(grid)
+    bits = max(1, (max(h, w) - 1).bit_length())
+    r = torch.arange(h).view(h, 1).expand(h, w).reshape(-1)  # (N,)
+    c = torch.arange(w).view(1, w).expand(h, w).reshape(-1)
+    code = torch.zeros_like(r)
+    for b in range(bits):  # interleave: row bit b -> 2b + 1, col bit b -> 2b
+        code |= ((r >> b) & 1) << (2 * b + 1)
+        code |= ((c >> b) & 1) << (2 * b)
+    rev = torch.zeros_like(code)
+    for b in range(2 * bits):  # reverse the 2*bits-bit code: the finest bits become the most significant
+        rev |= ((code >> b) & 1) << (2 * bits - 1 - b)
+    return torch.sort(rev, stable=True).indices.to(device)  # (N,)
+
+
+def _rank_desc_spread(score: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Indices (B, N) by descending score; ties follow ``order`` (spread over the image)."""
+    permuted = score[:, order]  # (B, N) scores in spread order
+    return order[torch.sort(permuted, dim=1, descending=True, stable=True).indices]
+
+
+def _rank_asc_spread(score: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Indices (B, N) by ascending score; ties follow ``order``."""
+    return order[torch.sort(score[:, order], dim=1, stable=True).indices]
 
 
 def _take_first(order: torch.Tensor, k: int) -> torch.Tensor:
@@ -230,13 +268,18 @@ class CatPolicy(SelectionPolicy):
     * Reference ``n_ref`` = prediction of the last dense ``observe`` (each dense observe
       replaces it and marks the clustering stale).
     * Token score = ``||n_last[j] - n_ref[j]||_2`` over channels (n_last = latest observe).
+      Right after a dense step ``n_last == n_ref`` and that score is 0 everywhere, so the first
+      pruned step scores the change between the last two dense predictions instead
+      (``||n_ref - n_ref_prev||``): information that exists, not a tie.
     * Clustering (KMeans, ``num_clusters`` clusters, on ``noise_weight * n_ref +
       positional_encoding(grid, C)``) runs lazily at the first select after a dense
-      observe, i.e. once per run for a schedule that is dense only at the start.
+      observe (CAT's Algorithm 2: at the first pruned step), i.e. once per run for a schedule
+      that is dense only at the start.
     * Cluster score = mean token score of its members. ``k // 4`` tokens are the top tokens
       ranked by (cluster score, token score), both descending; the other ``k - k // 4``
       are the stalest tokens not already taken: per-token count, updated at every select
-      as ``count <- 0.5 * count + [selected]``; stalest = lowest count, ties -> lower index.
+      as ``count <- 0.5 * count + [selected]``; stalest = lowest count. Ties (all counts are
+      equal after dense steps) follow :func:`spread_order`, so the fill covers the image.
     * Dense observes do not touch the staleness counts.
 
     Options: ``num_clusters=20``, ``kmeans_iters=10``, ``noise_weight=0.05``,
@@ -268,19 +311,31 @@ class CatPolicy(SelectionPolicy):
 
     def _reset(self) -> None:
         self._ref: torch.Tensor | None = None  # (B, N, C) last dense prediction
+        self._ref_prev: torch.Tensor | None = None  # (B, N, C) the dense prediction before it
         self._last: torch.Tensor | None = None  # (B, N, C) latest prediction
+        self._since_dense = 0  # non-dense observes since the last dense one
         self._labels: torch.Tensor | None = None  # (B, N) cluster ids; None = stale
         self._count = torch.zeros(self.batch, self.num_tokens, device=self.device)  # (B, N) staleness
+        self._order = spread_order(self.grid, self.device)  # (N,) tie-break order
 
     def _observe(self, noise: torch.Tensor, dense: bool, selected: torch.Tensor | None) -> None:
-        self._last = _copy_into(self._last, noise)
         if dense:
+            if self._ref is not None:  # keep the previous dense prediction (swap buffers, no copy)
+                self._ref_prev, self._ref = self._ref, self._ref_prev
             self._ref = _copy_into(self._ref, noise)
             self._labels = None
+            self._since_dense = 0
+        else:
+            self._since_dense += 1
+        self._last = _copy_into(self._last, noise)
 
     def token_scores(self) -> torch.Tensor:
         """(B, N) float32 relative-noise score of every token (for inspection and tests)."""
         self._require_reference()
+        if self._since_dense == 0:  # n_last is n_ref: score the last two dense predictions' change
+            if self._ref_prev is None:
+                return self._ref.new_zeros(self.batch, self.num_tokens, dtype=torch.float32)
+            return (self._ref.float() - self._ref_prev.float()).norm(dim=-1)  # (B, N)
         return (self._last.float() - self._ref.float()).norm(dim=-1)  # (B, N)
 
     def _require_reference(self) -> None:
@@ -311,16 +366,16 @@ class CatPolicy(SelectionPolicy):
             csum = score.new_zeros(B, nc).scatter_add_(1, labels, score)  # (B, nc)
             ccount = score.new_zeros(B, nc).scatter_add_(1, labels, torch.ones_like(score))
             cmean = csum / ccount.clamp_min(1.0)  # (B, nc); empty clusters hold no tokens
-            # lexicographic (cluster score desc, token score desc, index asc): two stable sorts
-            by_token = _rank_desc(score)  # (B, N)
+            # lexicographic (cluster score desc, token score desc, spread order): two stable sorts
+            by_token = _rank_desc_spread(score, self._order)  # (B, N)
             cs_sorted = cmean.gather(1, labels.gather(1, by_token))  # (B, N) cluster score in that order
             order = by_token.gather(1, _rank_desc(cs_sorted))  # (B, N)
             top = order[:, :k1]  # (B, k1)
             taken.scatter_(1, top, True)
             parts.append(top)
-        # stalest = lowest count among tokens not taken; ties -> lower index
+        # stalest = lowest count among tokens not taken; ties follow the spread order
         count = self._count.masked_fill(taken, float("inf"))  # (B, N)
-        fill = torch.sort(count, dim=1, stable=True).indices[:, : k - k1]  # (B, k - k1)
+        fill = _rank_asc_spread(count, self._order)[:, : k - k1]  # (B, k - k1)
         parts.append(fill)
         idx = torch.cat(parts, dim=1).sort(dim=1).values  # (B, k), disjoint by construction
         selected = taken.scatter_(1, fill, True)
@@ -368,6 +423,7 @@ class DynamicsPolicy(SelectionPolicy):
         c = c.expand(hw, 2, ww, 2)
         tok = torch.where((r < h) & (c < w), r * w + c, torch.full_like(r, -1))  # (hw, 2, ww, 2)
         self._slots = tok.permute(0, 2, 1, 3).reshape(self._windows, 4)  # (W, 4)
+        self._order = spread_order(self.grid, self.device)  # (N,) tie-break order
 
     def _observe(self, noise: torch.Tensor, dense: bool, selected: torch.Tensor | None) -> None:
         if self._last is not None:
@@ -402,7 +458,7 @@ class DynamicsPolicy(SelectionPolicy):
             base_score = slot_score.gather(2, best).squeeze(2)  # (B, W)
             return bases.gather(1, _take_first(_rank_desc(base_score), k)).sort(dim=1).values
         rest = score.scatter(1, bases, float("-inf"))  # bases excluded from the rest
-        extra = _rank_desc(rest)[:, : k - W]  # (B, k - W)
+        extra = _rank_desc_spread(rest, self._order)[:, : k - W]  # (B, k - W); ties spread over the image
         return torch.cat([bases, extra], dim=1).sort(dim=1).values
 
 

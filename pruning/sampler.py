@@ -33,6 +33,8 @@ from tokprune.pruning.plan import PrunePlan
 logger = logging.getLogger(__name__)
 
 _ATTR = "_tokprune_pruner"
+#: What a selection policy scores under classifier-free guidance (``TokenPruner.select_from``).
+SELECT_FROM = ("guided", "cond")
 
 
 @dataclass
@@ -73,13 +75,23 @@ def eager_executor(pruner: "TokenPruner", st: "RunState", inputs: StepInputs) ->
 
 @dataclass
 class RunState:
-    """Everything one sampling run carries from step to step (all on the model's device)."""
+    """Everything one sampling run carries from step to step (all on the model's device).
+
+    Under classifier-free guidance the batch is ``[uncond (P rows); cond (P rows)]`` and ``guidance``
+    is set: the policy sees one guided signal per prompt and both halves share its indices.
+    """
 
     geometry: Geometry
     caches: dict[str, torch.Tensor]
     step: int = 0
     prev_noise: torch.Tensor | None = None  # (B, C, H, W)
-    text_importance: torch.Tensor | None = None  # (B, T) attention mass measured at the last dense full-text step
+    text_importance: torch.Tensor | None = None  # (B, T) attention mass measured at the last probe step
+    guidance: float | None = None  # CFG scale when the batch is [uncond; cond] halves, else None
+
+    @property
+    def prompts(self) -> int:
+        """P: rows the selection policy sees (B / 2 under CFG)."""
+        return self.geometry.batch // 2 if self.guidance is not None else self.geometry.batch
 
 
 class TokenPruner:
@@ -97,21 +109,31 @@ class TokenPruner:
         scheduler: Any = None,
         executor: Callable[["TokenPruner", "RunState", StepInputs], StepOutput] = eager_executor,
         config: Any = None,
+        pipeline: Any = None,
+        guidance: float | None = None,
+        select_from: str = "guided",
     ) -> None:
         from tokprune.pruning.policies import make_policy
 
         if reuse not in REUSE_MODES:
             raise ConfigError(f"reuse={reuse!r}; expected one of {REUSE_MODES}")
+        if select_from not in SELECT_FROM:
+            raise ConfigError(f"select_from={select_from!r}; expected one of {SELECT_FROM}")
         self.transformer = transformer
         self.plan = plan
         self.policy = make_policy(policy, seed=seed) if isinstance(policy, str) else policy
         self.reuse = reuse
-        self.text_protect = text_protect
+        self.text_protect = text_protect  # static (T,) / (B, T) mask given by the user
+        self.call_text_protect: torch.Tensor | None = None  # (B, T), set per pipeline call (pruning.text)
         self.scheduler = scheduler  # when given, its step_index (a Python int) keeps us in sync
+        self.pipeline = pipeline  # when given, CFG and the guidance scale are read from its current call
+        self.guidance = guidance  # bare transformer: CFG scale of [uncond; cond] batches (None = no CFG)
+        self.select_from = select_from
         self.executor = executor  # how a bucket call runs: eager PyTorch here, an engine runner in tokprune.runtime
         self.config = config if config is not None else transformer.config  # the SD3 config shapes come from
         self.state: RunState | None = None
         self.calls = 0  # transformer calls actually executed (K > 0), for tests and benchmarks
+        self._probe_steps = frozenset(plan.probe_steps())
 
     # ---- run bookkeeping --------------------------------------------------------------
     def reset(self) -> None:
@@ -124,13 +146,40 @@ class TokenPruner:
         idx = getattr(self.scheduler, "step_index", None)
         return 0 if idx is None else int(idx)
 
-    def _begin(self, geometry: Geometry, device: torch.device, dtype: torch.dtype) -> RunState:
-        caches = {
+    def allocate_caches(self, geometry: Geometry, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The per-block caches of one run (override to pool them, as the runtime does)."""
+        return {
             name: torch.zeros(shape, device=device, dtype=dtype)
             for name, shape in geometry.cache_specs(self.reuse).items()
         }
-        self.policy.reset(batch=geometry.batch, grid=geometry.grid, device=device)
-        return RunState(geometry=geometry, caches=caches)
+
+    def cfg_guidance(self, batch: int) -> float | None:
+        """The CFG scale when this call's batch is ``[uncond; cond]`` halves, else None.
+
+        With a pipeline (``apply(pipe, ...)``) it is the pipeline's current call; a bare transformer
+        uses the ``guidance`` given to :func:`apply`.
+        """
+        if self.pipeline is not None:
+            if not bool(getattr(self.pipeline, "do_classifier_free_guidance", False)):
+                return None
+            g = float(getattr(self.pipeline, "guidance_scale", 1.0))
+        elif self.guidance is None:
+            return None
+        else:
+            g = float(self.guidance)
+        if batch % 2:
+            raise ShapeError(
+                f"classifier-free guidance (scale {g:g}) needs an even batch [uncond; cond]; got {batch} rows"
+            )
+        return g
+
+    def begin(self, geometry: Geometry, device: torch.device, dtype: torch.dtype) -> RunState:
+        """Start a run: caches, and the policy reset for one selection per prompt."""
+        st = RunState(
+            geometry=geometry, caches=self.allocate_caches(geometry, device, dtype), guidance=self.cfg_guidance(geometry.batch)
+        )
+        self.policy.reset(batch=st.prompts, grid=geometry.grid, device=device)
+        return st
 
     # ---- the hooked forward -----------------------------------------------------------
     def __call__(
@@ -177,7 +226,7 @@ class TokenPruner:
                 f"call the pipeline with num_inference_steps={self.plan.num_steps} or give a plan of matching length"
             )
         if st is None:
-            st = self.state = self._begin(geometry, hidden_states.device, hidden_states.dtype)
+            st = self.state = self.begin(geometry, hidden_states.device, hidden_states.dtype)
         st.step = step
 
         out = self.step(st, hidden_states, encoder_hidden_states, pooled_projections, timestep)
@@ -207,7 +256,9 @@ class TokenPruner:
         if keep == n:
             idx = torch.arange(n, device=latent.device).expand(g.batch, n)
         else:
-            idx = self.policy.select(keep)  # (B, K)
+            idx = self.policy.select(keep)  # (P, K): one index set per prompt
+            if st.guidance is not None:
+                idx = torch.cat([idx, idx], dim=0)  # (B, K): both CFG halves compute the same tokens
         txt_idx = None
         if keep_text < g.text_tokens:
             if st.text_importance is None:
@@ -215,13 +266,6 @@ class TokenPruner:
                     f"plan step {step} prunes text but no dense full-text step ran before it to measure text importance"
                 )
             txt_idx = select_text_tokens(st.text_importance, keep_text, protect=self._protect(g))
-        # Measure text importance at dense full-text steps that precede text pruning.
-        record = (
-            keep == n
-            and keep_text == g.text_tokens
-            and self.plan.prunes_text()
-            and any(self.plan.text_k(s, g.text_tokens) < g.text_tokens for s in range(step + 1, self.plan.num_steps))
-        )
         out = self.executor(
             self,
             st,
@@ -232,17 +276,47 @@ class TokenPruner:
                 timestep=timestep,
                 img_idx=idx,
                 txt_idx=txt_idx,
-                record_text=record,
+                record_text=step in self._probe_steps,  # only the dense step before text pruning
             ),
         )
         self.calls += 1
         if out.text_mass is not None:
             st.text_importance = out.text_mass
         st.prev_noise = out.noise
-        self.policy.observe(patchify(out.noise, g.patch), dense=keep == n, selected=None if keep == n else idx)
+        self.policy.observe(
+            self.selection_signal(st, out.noise),
+            dense=self.plan.is_dense(step),  # a text-pruned step is not a fresh reference
+            selected=None if keep == n else idx[: st.prompts],
+        )
         return out.noise
 
+    def selection_signal(self, st: RunState, noise: torch.Tensor) -> torch.Tensor:
+        """(P, N, C) what the policy scores: per prompt the guided prediction ``u + g (c - u)``
+        (``select_from="guided"``, default) or the conditional half (``"cond"``); the rows as they
+        are without CFG."""
+        tokens = patchify(noise, st.geometry.patch)  # (B, N, C)
+        if st.guidance is None:
+            return tokens
+        uncond, cond = tokens.float().chunk(2)  # (P, N, C) each
+        if self.select_from == "cond":
+            return cond
+        return uncond + st.guidance * (cond - uncond)
+
     def _protect(self, g: Geometry) -> torch.Tensor | None:
+        """(B, T) bool tokens text pruning must keep: this call's special tokens (set by
+        :mod:`tokprune.pruning.text` from the pipeline's tokenizers), or the user's static mask."""
+        call = self.call_text_protect
+        if call is not None and tuple(call.shape) == (g.batch, g.text_tokens):
+            p = call if self.text_protect is None else call | self._static_protect(g)
+            return p
+        if call is not None:
+            logger.warning(
+                "the special-token mask of this call has shape %s but the transformer got (%d, %d) text rows; "
+                "special tokens are not protected for this call", tuple(call.shape), g.batch, g.text_tokens,
+            )
+        return self._static_protect(g)
+
+    def _static_protect(self, g: Geometry) -> torch.Tensor | None:
         if self.text_protect is None:
             return None
         p = self.text_protect
@@ -272,6 +346,8 @@ def apply(
     seed: int = 0,
     reuse: str = "noise",
     text_protect: torch.Tensor | None = None,
+    guidance: float | None = None,
+    select_from: str = "guided",
 ) -> TokenPruner:
     """Make ``target`` (a transformer or a pipeline) run the pruned forward following ``plan``.
 
@@ -282,29 +358,45 @@ def apply(
     Args to tinker with:
         reuse: ``"noise"`` (CAT: unselected rows reuse the previous prediction; K/V caches only) or
             ``"features"`` (rebuild every token from cached attention/FF outputs with current gates).
-        text_protect: (T,) or (B, T) bool, text tokens that text pruning must keep (special tokens).
+        select_from: under classifier-free guidance both halves of a prompt always share one index
+            set; the policy scores the guided prediction (``"guided"``, recommended: it is what the
+            sampler integrates) or the conditional half (``"cond"``).
+        guidance: only for a bare transformer called with ``[uncond; cond]`` batches: the CFG scale
+            (a pipeline's own call settings are read instead).
+        text_protect: (T,) or (B, T) bool, extra text tokens that text pruning must keep. With a
+            pipeline the special tokens of each call (BOS/EOS) are protected automatically.
         seed: policy seed (``random``; KMeans init for ``cat`` is deterministic).
 
     Passing the pipeline (recommended) keeps the hook in step with the scheduler; with a bare
     transformer, calls are counted and wrap at the end of the plan (``reset()`` after an abort).
     Applying twice replaces the first hook (idempotent). Returns the hook.
     """
+    from tokprune.pruning.text import install_text_protect
+
     transformer, scheduler = _split(target)
-    remove(transformer)
+    pipeline = target if transformer is not target else None
+    remove(target)
     pruner = TokenPruner(
-        transformer, plan, policy=policy, seed=seed, reuse=reuse, text_protect=text_protect, scheduler=scheduler
+        transformer, plan, policy=policy, seed=seed, reuse=reuse, text_protect=text_protect, scheduler=scheduler,
+        pipeline=pipeline, guidance=guidance, select_from=select_from,
     )
     # An instance attribute shadows the class's forward; nn.Module.__call__ picks it up.
     transformer.__dict__["forward"] = pruner
     transformer.__dict__[_ATTR] = pruner
+    if pipeline is not None:
+        install_text_protect(pipeline, lambda mask: setattr(pruner, "call_text_protect", mask))
     return pruner
 
 
 def remove(target: Any) -> None:
-    """Undo :func:`apply`: the module is bit-for-bit the original (no parameter was ever touched)."""
+    """Undo :func:`apply`: the module (and pipeline) are bit-for-bit the original (no parameter was ever touched)."""
+    from tokprune.pruning.text import uninstall_text_protect
+
     transformer, _ = _split(target)
     transformer.__dict__.pop("forward", None)
     transformer.__dict__.pop(_ATTR, None)
+    if transformer is not target:
+        uninstall_text_protect(target)
 
 
 def get_pruner(target: Any) -> TokenPruner | None:

@@ -95,6 +95,7 @@ class LoadedEngines:
     policy: str
     reuse: str
     dense_key: str
+    probe_key: str | None = None  # the dense bucket's text_mass variant (schedules that prune text)
     lock: threading.Lock = field(default_factory=threading.Lock)  # engine calls whose outputs alias buffers
     closed: bool = False
 
@@ -125,6 +126,10 @@ class EngineExecutor:
     scatters the fresh cache rows into ``run_state.caches`` on the device. Calls whose batch is
     a multiple of the engines' batch run in chunks of it (``num_images_per_prompt > 1``).
 
+    A step whose ``StepInputs.record_text`` is set (the sampler sets it only at
+    ``plan.probe_steps()``) runs the dense bucket's probe variant (``<dense key>-probe``, which also
+    outputs ``text_mass``); every other dense step runs the plain dense bucket.
+
     ``write_caches=False`` (the dense-only mode) skips cache updates: no pruned step reads them.
     ``timer``: optional object with ``begin(key)`` / ``end()`` around each engine call (benchmarks).
     """
@@ -139,8 +144,15 @@ class EngineExecutor:
         g = st.geometry
         keep = inputs.img_idx.shape[1]
         keep_text = g.text_tokens if inputs.txt_idx is None else inputs.txt_idx.shape[1]
-        key = bucket_key(keep, keep_text)
+        want_mass = inputs.record_text
+        key = bucket_key(keep, keep_text, probe=want_mass)
         runner = eng.runners.get(key)
+        if runner is None and want_mass:
+            raise ManifestError(
+                f"step {st.step} must measure text importance (text pruning follows) but the export has no probe "
+                f"bucket {key} (the dense bucket with a 'text_mass' output); buckets are {sorted(eng.runners)}. "
+                f"Re-export: {rebuild_command(eng.manifest)}"
+            )
         if runner is None:
             raise ShapeError(
                 f"step {st.step} needs bucket {key} (K={keep} image, {keep_text} text tokens) but the export has "
@@ -163,12 +175,6 @@ class EngineExecutor:
             for t in spec.inputs():
                 if t.cache is not None:
                     feed[t.name] = st.caches[t.cache]
-        want_mass = inputs.record_text
-        if want_mass and not spec.record_text:
-            raise ManifestError(
-                f"step {st.step} must measure text importance (text pruning follows) but bucket {key} has no "
-                f"'text_mass' output; re-export with text_mass on the dense bucket: {rebuild_command(eng.manifest)}"
-            )
         eb, b = spec.geometry.batch, g.batch
         noises, masses = [], []
         for c in range(b // eb):
@@ -234,19 +240,17 @@ class _EnginePruner(TokenPruner):
         self._use_caches = use_caches
         self._pool: tuple[Geometry, torch.device, dict[str, torch.Tensor]] | None = None
 
-    def _begin(self, geometry: Geometry, device: torch.device, dtype: torch.dtype) -> RunState:
-        caches: dict[str, torch.Tensor] = {}
-        if self._use_caches:
-            if self._pool is not None and self._pool[0] == geometry and self._pool[1] == device:
-                caches = self._pool[2]
-            else:
-                caches = {
-                    name: torch.zeros(shape, device=device, dtype=self._cache_dtype)
-                    for name, shape in geometry.cache_specs(self.reuse).items()
-                }
-                self._pool = (geometry, device, caches)
-        self.policy.reset(batch=geometry.batch, grid=geometry.grid, device=device)
-        return RunState(geometry=geometry, caches=caches)
+    def allocate_caches(self, geometry: Geometry, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        if not self._use_caches:
+            return {}
+        if self._pool is not None and self._pool[0] == geometry and self._pool[1] == device:
+            return self._pool[2]
+        caches = {
+            name: torch.zeros(shape, device=device, dtype=self._cache_dtype)
+            for name, shape in geometry.cache_specs(self.reuse).items()
+        }
+        self._pool = (geometry, device, caches)
+        return caches
 
 
 # ---- the module ---------------------------------------------------------------------------------
@@ -280,6 +284,8 @@ class EngineTransformer(torch.nn.Module):
             config=engines.config,
             cache_dtype=engines.dtype,
             use_caches=self.pruned,
+            # A bare call with an even batch is [uncond; cond] as calibrated; attach() reads the pipeline's call.
+            guidance=float(engines.manifest.data["guidance"]) if float(engines.manifest.data.get("guidance", 1.0)) > 1.0 else None,
         )
         self._guard = threading.Lock()
         self._owner: threading.Thread | None = None
@@ -333,6 +339,19 @@ class EngineTransformer(torch.nn.Module):
     def bind_scheduler(self, scheduler: Any) -> None:
         """Follow ``scheduler.step_index`` (what :func:`attach` does). None: count calls instead."""
         self._pruner.scheduler = scheduler
+
+    def bind_pipeline(self, pipe: Any) -> None:
+        """Read CFG and special tokens from ``pipe``'s calls (what :func:`attach` does); None unbinds."""
+        from tokprune.pruning.text import install_text_protect, uninstall_text_protect
+
+        old = self._pruner.pipeline
+        if old is not None:
+            uninstall_text_protect(old)
+        self._pruner.pipeline = pipe
+        self._pruner.call_text_protect = None
+        if pipe is not None:
+            pruner = self._pruner
+            install_text_protect(pipe, lambda mask: setattr(pruner, "call_text_protect", mask))
 
     def reset(self) -> None:
         """Forget the current run (after an aborted generation) and release this view."""
@@ -533,11 +552,15 @@ def load(
     dense_key = bucket_key(manifest.geometry.num_tokens, manifest.geometry.text_tokens)
     if dense_key not in specs:
         raise ManifestError(f"{engine_dir}: the export has no dense bucket {dense_key}; re-export: {rebuild_command(manifest)}")
-    if plan.prunes_text() and not specs[dense_key].record_text:
-        raise ManifestError(
-            f"{engine_dir}: the schedule prunes text tokens, which needs the dense bucket's 'text_mass' output to rank "
-            f"them, but bucket {dense_key} was exported without it; re-export: {rebuild_command(manifest)}"
-        )
+    probe_key = None
+    if plan.probe_steps():
+        probe_key = bucket_key(manifest.geometry.num_tokens, manifest.geometry.text_tokens, probe=True)
+        if probe_key not in specs or not specs[probe_key].record_text:
+            raise ManifestError(
+                f"{engine_dir}: the schedule prunes text tokens, which needs the dense probe bucket {probe_key} (the "
+                f"dense call plus a 'text_mass' output) to rank them at steps {list(plan.probe_steps())}, but the "
+                f"export has only {sorted(specs)}; re-export: {rebuild_command(manifest)}"
+            )
     if model is not None:
         check_fingerprint(manifest, model, "the model passed to load()")
     runners: dict[str, Runner] = {}
@@ -575,6 +598,7 @@ def load(
         policy=str(manifest.data.get("policy") or schedule.policy),
         reuse=manifest.reuse,
         dense_key=dense_key,
+        probe_key=probe_key,
     )
     logger.info("loaded %d %s buckets from %s on %s", len(runners), backend.value, engine_dir, device)
     return EngineTransformer(engines, pruned=pruned)
@@ -615,6 +639,7 @@ def attach(
             "per-step keep counts were chosen for the other sampler", type(pipe.scheduler).__name__, recorded,
         )
     view.bind_scheduler(pipe.scheduler)
+    view.bind_pipeline(pipe)
     object.__setattr__(view, _ORIGINAL, original)  # plain attribute, not a registered submodule
     pipe.transformer = view
     return view
@@ -626,5 +651,6 @@ def detach(pipe: Any) -> None:
     if isinstance(current, EngineTransformer):
         original = current.__dict__.get(_ORIGINAL)
         current.bind_scheduler(None)
+        current.bind_pipeline(None)
         current.__dict__.pop(_ORIGINAL, None)
         pipe.transformer = original

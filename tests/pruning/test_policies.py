@@ -13,6 +13,7 @@ from tokprune.pruning.policies import (
     make_policy,
     positional_encoding,
     select_text_tokens,
+    spread_order,
 )
 
 C = 16  # channels of the noise prediction in token layout (patch*patch*out_channels at real sizes: 64)
@@ -143,8 +144,44 @@ def test_cat_reference_is_last_dense_observe():
     p.observe(a, dense=True)
     p.observe(b, dense=False)
     torch.testing.assert_close(p.token_scores(), (b - a).norm(dim=-1))
+    c = _noise(1, 6, 2)
+    p.observe(c, dense=True)
+    # right after a dense step, n_last == n_ref: the score is the change between the last two dense steps
+    torch.testing.assert_close(p.token_scores(), (c - a).norm(dim=-1))
+    p.observe(b, dense=False)
+    torch.testing.assert_close(p.token_scores(), (b - c).norm(dim=-1))
+
+
+def test_cat_first_pruned_step_after_dense_steps_is_spread_over_the_image():
+    """After dense steps with no change at all, every score and count ties: the selection must still
+    cover every quadrant, never arange(K) (the top rows of the image)."""
+    grid, n, k = (16, 16), 256, 64
+    p = make_policy("cat")
+    p.reset(batch=1, grid=grid)
+    same = _noise(1, n, 0)
+    p.observe(same, dense=True)
+    p.observe(same, dense=True)
+    idx = p.select(k)[0]
+    assert not torch.equal(idx, torch.arange(k))
+    rows, cols = idx // 16, idx % 16
+    quadrants = {(int(r) >= 8, int(c) >= 8) for r, c in zip(rows, cols)}
+    assert quadrants == {(False, False), (False, True), (True, False), (True, True)}
+    # each quadrant gets a fair share (k/4 +- 25%)
+    for q in quadrants:
+        share = sum(1 for r, c in zip(rows, cols) if (int(r) >= 8, int(c) >= 8) == q)
+        assert 12 <= share <= 20, share
+
+
+def test_cat_first_pruned_step_scores_the_last_two_dense_predictions():
+    grid, n = (8, 8), 64
+    p = make_policy("cat", top_divisor=1)  # all k from the (cluster, token) score ranking
+    p.reset(batch=1, grid=grid)
+    a = torch.zeros(1, n, C)
+    b = a.clone()
+    b[0, 37] = 5.0  # one token moved between the two dense steps
+    p.observe(a, dense=True)
     p.observe(b, dense=True)
-    assert torch.equal(p.token_scores(), torch.zeros(1, 6))
+    assert 37 in p.select(4)[0].tolist()
 
 
 def test_cat_reclusters_after_each_dense_observe():
@@ -163,7 +200,7 @@ def test_cat_reclusters_after_each_dense_observe():
 
 def test_cat_selects_planted_block_then_stalest():
     # one cluster -> ranking is by token score alone: the quarter budget is exactly the block,
-    # the fill is the lowest-index other tokens (all staleness counts are 0 at the start)
+    # the fill follows the spread order (all staleness counts are 0 at the start)
     h, w, b = 8, 8, 2
     p = make_policy("cat", num_clusters=1)
     n0 = _noise(b, h * w, 0)
@@ -175,8 +212,9 @@ def test_cat_selects_planted_block_then_stalest():
     p.observe(n0, dense=True)
     p.observe(n1, dense=False)
     idx = p.select(32)  # k1 = 8 = block size, fill 24
+    order = spread_order((h, w)).tolist()
     for i in range(b):
-        rest = [t for t in range(h * w) if t not in blocks[i]][:24]
+        rest = [t for t in order if t not in blocks[i]][:24]  # ties follow the spatial spread order
         assert idx[i].tolist() == sorted(blocks[i] + rest)
 
 

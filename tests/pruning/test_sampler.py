@@ -187,3 +187,92 @@ def test_apply_rejects_unknown_targets_and_bad_plans():
     with pytest.raises(ConfigError, match="text_keep has 1 steps"):
         PrunePlan(image_keep=(ALL, ALL), text_keep=(ALL,))
     assert np.array_equal(PrunePlan.from_ratios([1, 0.5, 0], num_tokens=256, align=64).image_keep, (ALL, 128, 0))
+
+
+def _spy_executor(pruner, seen):
+    original = pruner.executor
+
+    def spy(p, st, inputs):
+        seen.append((st.step, inputs.img_idx.clone(), None if inputs.txt_idx is None else inputs.txt_idx.clone(),
+                     inputs.record_text))
+        return original(p, st, inputs)
+
+    pruner.executor = spy
+
+
+def test_cfg_halves_share_one_index_set_per_prompt(pipe):
+    n = (pipe.transformer.config.sample_size // 2) ** 2
+    plan = PrunePlan(image_keep=(ALL, ALL, n // 2, n // 4))
+    for policy in ("cat", "dynamics", "random"):
+        pruner = pruning.apply(pipe, plan, policy=policy)
+        seen = []
+        _spy_executor(pruner, seen)
+        try:
+            _generate(pipe, ["a red circle", "two blue squares"], guidance=5.0)
+        finally:
+            pruning.remove(pipe)
+        pruned = [idx for step, idx, _, _ in seen if step >= 2]
+        assert len(pruned) == 2
+        for idx in pruned:
+            assert idx.shape[0] == 4  # [uncond x2; cond x2]
+            assert torch.equal(idx[:2], idx[2:]), policy  # each prompt's halves compute the same tokens
+        assert pruner.state.guidance == 5.0 and pruner.state.prompts == 2
+
+
+def test_without_cfg_every_row_is_its_own_prompt(pipe):
+    n = (pipe.transformer.config.sample_size // 2) ** 2
+    pruner = pruning.apply(pipe, PrunePlan(image_keep=(ALL, ALL, n // 2, n // 4)), policy="random")
+    seen = []
+    _spy_executor(pruner, seen)
+    try:
+        _generate(pipe, ["a red circle", "two blue squares"], guidance=1.0)
+    finally:
+        pruning.remove(pipe)
+    assert pruner.state.guidance is None and seen[-1][1].shape[0] == 2
+    assert not torch.equal(seen[-1][1][0], seen[-1][1][1])  # independent rows, independent random subsets
+
+
+def test_special_tokens_are_protected_automatically_and_probe_runs_once(pipe):
+    from tokprune.pruning.text import special_token_mask
+
+    t_tokens = 77 + 16
+    plan = PrunePlan(image_keep=(ALL, ALL, ALL, ALL), text_keep=(ALL, ALL, 8, 8))
+    pruner = pruning.apply(pipe, plan)  # no text_protect given: the pipeline's tokenizers provide it
+    seen = []
+    _spy_executor(pruner, seen)
+    prompts = ["a red circle", "two big blue squares on top"]
+    try:
+        _generate(pipe, prompts, guidance=5.0)
+    finally:
+        pruning.remove(pipe)
+    assert "encode_prompt" not in pipe.__dict__  # remove() restores the pipeline too
+    expected = torch.cat([special_token_mask(pipe, ["", ""], max_sequence_length=16),
+                          special_token_mask(pipe, prompts, max_sequence_length=16)])  # [negative; positive]
+    assert expected.shape == (4, t_tokens) and bool(expected[:, 0].all())  # CLIP BOS everywhere
+    assert int(expected.sum()) >= 4 * 3  # BOS + EOS (CLIP) + EOS (T5) per row
+    text_steps = [txt for _, _, txt, _ in seen if txt is not None]
+    assert len(text_steps) == 2
+    for txt in text_steps:
+        for row in range(4):
+            kept = set(txt[row].tolist())
+            assert set(torch.nonzero(expected[row]).flatten().tolist()) <= kept
+    # the text-importance probe runs only at the dense step right before text pruning
+    assert [rec for _, _, _, rec in seen] == [False, True, False, False]
+
+
+def test_text_pruned_full_image_step_does_not_reset_the_cat_reference(pipe):
+    plan = PrunePlan(image_keep=(ALL, ALL, ALL, 64), text_keep=(ALL, ALL, 8, ALL))
+    pruner = pruning.apply(pipe, plan, policy="cat")
+    flags = []
+    original = pruner.policy.observe
+
+    def spy(noise, *, dense, selected=None):
+        flags.append(dense)
+        return original(noise, dense=dense, selected=selected)
+
+    pruner.policy.observe = spy
+    try:
+        _generate(pipe, ["a red circle"])
+    finally:
+        pruning.remove(pipe)
+    assert flags == [True, True, False, False]
