@@ -51,7 +51,7 @@ from tokprune.export.manifest import (
     write_manifest,
 )
 from tokprune.export.onnx_export import OPSET, cast_for_export, export_bucket_onnx, finalize_onnx
-from tokprune.export.spec import Backend, BucketSpec, Precision, geometry_to_dict
+from tokprune.export.spec import PROBE_SUFFIX, Backend, BucketSpec, Precision, geometry_to_dict
 from tokprune.export.weights import WEIGHTS_FILE, SharedWeights
 
 import tokprune
@@ -478,18 +478,22 @@ def _schedule_step(work, state, config, source, pipe, settings, schedule_in, *, 
 def bucket_specs(schedule: Any, transformer_config: Any, precision: Precision | str) -> list[BucketSpec]:
     """One :class:`BucketSpec` per schedule bucket (dense first). CFG (guidance > 1) doubles the batch.
 
-    When the schedule prunes text, the dense full-text bucket also outputs ``text_mass``, the text
-    importance the runtime ranks text tokens by.
+    When the schedule prunes text, the dense bucket is followed by its probe variant
+    (``record_text=True``, key ``<dense key>-probe``): the same call that also outputs
+    ``text_mass``, the text importance the runtime ranks text tokens by. Only the steps in
+    ``PrunePlan.probe_steps()`` run it; every other dense step runs the plain dense bucket.
     """
     batch = 2 if schedule.guidance > 1.0 else 1
     geometry = schedule.geometry(transformer_config, batch)
-    prunes_text = schedule.to_plan().prunes_text()
+    probes = bool(schedule.to_plan().probe_steps())
     dense_key = schedule.dense_bucket.key
-    return [
-        BucketSpec(geometry, b.image_keep, b.text_keep, reuse=schedule.reuse, precision=precision,
-                   record_text=prunes_text and b.key == dense_key)
-        for b in schedule.buckets
-    ]
+    specs = []
+    for b in schedule.buckets:
+        specs.append(BucketSpec(geometry, b.image_keep, b.text_keep, reuse=schedule.reuse, precision=precision))
+        if probes and b.key == dense_key:
+            specs.append(BucketSpec(geometry, b.image_keep, b.text_keep, reuse=schedule.reuse, precision=precision,
+                                    record_text=True))
+    return specs
 
 
 def _export_bucket(work: Path, spec: BucketSpec, model: torch.nn.Module, store: SharedWeights, config: ExportConfig) -> dict:
@@ -535,7 +539,9 @@ def _manifest(work, state, config, source, pipe, schedule, specs, store, model, 
     dense_bytes = _dense_weight_bytes(model)
     inline = sum(state["buckets"][s.key]["weights"]["inline_bytes"] for s in specs)
     stored = (work / WEIGHTS_FILE).stat().st_size + inline
-    step_buckets = [None if entry == REUSE else entry for entry in schedule.plan]
+    probe_steps = set(schedule.to_plan().probe_steps())  # these dense steps run the dense bucket's -probe variant
+    step_buckets = [None if entry == REUSE else f"{entry}{PROBE_SUFFIX}" if s in probe_steps else entry
+                    for s, entry in enumerate(schedule.plan)]
     buckets = []
     for spec in specs:
         done = state["buckets"][spec.key]

@@ -113,7 +113,7 @@ _BUCKET = {
     "required": ["key", "image_keep", "text_keep", "dense", "reuse", "precision", "steps", "io", "files", "exporter",
                  "lint", "equivalence"],
     "properties": {
-        "key": {"type": "string", "pattern": "^k[0-9]{4,}-t[0-9]{4,}$"},
+        "key": {"type": "string", "pattern": "^k[0-9]{4,}-t[0-9]{4,}(-probe)?$"},
         "image_keep": {"type": "integer", "minimum": 1},
         "text_keep": {"type": "integer", "minimum": 1},
         "dense": {"type": "boolean"},

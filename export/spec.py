@@ -21,8 +21,14 @@ name                          shape                       dtype    present
 ``cache.<name>``              ``geometry.cache_specs``    float    K < N (name e.g. ``blocks.0.k``)
 ``noise`` (output)            (B, C_out, H, W)            float    always
 ``fresh.<name>`` (output)     ``geometry.fresh_specs(K)`` float    always (the dense bucket fills the caches)
-``text_mass`` (output)        (B, T)                      float32  ``record_text`` (dense step before text pruning)
+``text_mass`` (output)        (B, T)                      float32  ``record_text``: the dense *probe* variant
 ============================  ==========================  =======  ======================================
+
+When a schedule prunes text, the dense bucket is exported twice, sharing ``weights.bin``: the
+plain dense bucket (``k1024-t0109``), which every dense step runs, and its probe variant
+(``record_text=True``, key ``k1024-t0109-probe``: the same I/O plus ``text_mass``), which only
+the steps in :meth:`~tokprune.pruning.plan.PrunePlan.probe_steps` run (the text-importance
+probe costs :func:`~tokprune.pruning.macs.text_mass_macs`, about a sixth to a third of a dense call).
 
 "float" is the bucket's precision (fp32 / fp16 / bf16). Cache names keep their dots
 (``cache.blocks.0.k``): ONNX, ONNX Runtime and TensorRT accept them, and the part after the
@@ -56,6 +62,7 @@ __all__ = [
     "FRESH_PREFIX",
     "INPUT",
     "OUTPUT",
+    "PROBE_SUFFIX",
     "Backend",
     "BucketSpec",
     "Precision",
@@ -66,6 +73,7 @@ __all__ = [
 INPUT, OUTPUT = "input", "output"
 CACHE_PREFIX = "cache."  # input name of a cache = CACHE_PREFIX + Geometry.cache_specs key
 FRESH_PREFIX = "fresh."  # output name of its fresh rows = FRESH_PREFIX + the same key
+PROBE_SUFFIX = "-probe"  # key of the dense bucket's text-importance probe variant = dense key + PROBE_SUFFIX
 
 
 class Precision(str, enum.Enum):
@@ -156,9 +164,12 @@ class TensorSpec:
         return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"], d["role"], d.get("cache"))
 
 
-def bucket_key(image_keep: int, text_keep: int) -> str:
-    """File-name key of a bucket, identical to :attr:`tokprune.calibrate.schedule.Bucket.key`."""
-    return f"k{image_keep:04d}-t{text_keep:04d}"
+def bucket_key(image_keep: int, text_keep: int, *, probe: bool = False) -> str:
+    """File-name key of a bucket, identical to :attr:`tokprune.calibrate.schedule.Bucket.key`.
+
+    ``probe=True``: the key of the dense bucket's ``text_mass`` variant (``k1024-t0109-probe``).
+    """
+    return f"k{image_keep:04d}-t{text_keep:04d}" + (PROBE_SUFFIX if probe else "")
 
 
 @dataclass(frozen=True)
@@ -172,8 +183,8 @@ class BucketSpec:
     Args to tinker with:
         reuse: ``"noise"`` (default; unselected rows reuse ``prev_noise``) or ``"features"``.
         precision: :class:`Precision` of weights and float I/O.
-        record_text: also output ``text_mass`` (the dense step that measures text importance
-            before text pruning starts).
+        record_text: also output ``text_mass``: the dense bucket's probe variant, run only at the
+            steps that measure text importance before text pruning (its key ends in ``-probe``).
     """
 
     geometry: Geometry
@@ -209,8 +220,8 @@ class BucketSpec:
 
     @property
     def key(self) -> str:
-        """Stable short name of the bucket (``k0128-t0333``); names its files."""
-        return bucket_key(self.image_keep, self.text_keep)
+        """Stable short name of the bucket (``k0128-t0333``, the probe variant ``k1024-t0333-probe``); names its files."""
+        return bucket_key(self.image_keep, self.text_keep, probe=self.record_text)
 
     # ---- the I/O table -------------------------------------------------------------------
     def io(self) -> list[TensorSpec]:

@@ -24,6 +24,11 @@ dense, and fidelity vs eager dense on the same prompt and seed (PSNR and SSIM of
 images and of the final latents). Per pruned runtime arm, each bucket's latency is compared
 with what its MAC ratio predicts from the dense bucket's latency in the same arm.
 
+MACs count what runs (:mod:`tokprune.pruning.macs`): a pruned arm's MAC fraction is
+``mac_fraction(geometry, plan)``, which includes the text-importance probe at the plan's probe
+steps; those steps run the dense bucket's ``-probe`` variant (its own row in the per-bucket table),
+every other dense step, and every step of a dense arm, the plain dense bucket.
+
 Example::
 
     from tokprune.runtime.bench import BenchConfig, run_bench
@@ -38,9 +43,7 @@ import logging
 import math
 import os
 import platform
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +57,7 @@ from tokprune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "DEFAULT_PROMPTS", "BenchConfig", "BenchResult", "run_bench", "text_mass_macs"]
+__all__ = ["BACKENDS", "DEFAULT_PROMPTS", "BenchConfig", "BenchResult", "run_bench"]
 
 BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt", "torch")
 DEFAULT_PROMPTS = ("a red circle on a blue background", "a photo of a small cat in the sun")
@@ -116,7 +119,6 @@ class Arm:
     skip_reason: str | None = None
     samples: list[Sample] = field(default_factory=list)
     view: Any = None
-    plain_dense: bool = True  # dense steps run without the text_mass probe
 
     @property
     def label(self) -> str:
@@ -259,50 +261,12 @@ def _generate(pipe: Any, prompt: str, seed: int, settings: dict[str, Any], devic
 
 
 # ---- arms -------------------------------------------------------------------------------------------
-def _plain_dense_runner(name: str, view: Any, model: Any, workdir: Path, device: torch.device) -> Any:
-    """A runner of the dense bucket *without* the ``text_mass`` probe, or None when it already has none.
-
-    When the schedule prunes text, the export's dense bucket also computes the attention mass of every
-    text token (a second Q K^T and softmax per block, ~+30 % here), which dense steps that do not rank
-    text tokens never need. The dense arms (and the per-bucket latency reference) use this plain variant:
-    the torch backend runs it directly; for ONNX Runtime it is exported once from the PyTorch model.
-    TensorRT cannot build here, so its dense arm keeps the export's bucket.
-    """
-    import dataclasses
-
-    from tokprune.runtime.runners import OnnxRuntimeRunner, TorchRunner
-
-    engines = view._engines
-    spec = engines.specs[engines.dense_key]
-    if not spec.record_text or name not in ("onnxruntime", "torch"):
-        return None
-    plain = dataclasses.replace(spec, record_text=False)
-    if name == "torch":
-        runner = engines.runners[engines.dense_key]
-        return TorchRunner(runner.model, plain, device=device, compile=runner.compile).activate()
-    import onnx
-    from tokprune.export.onnx_export import export_bucket_onnx, finalize_onnx
-
-    raw = workdir / "raw" / "dense.onnx"
-    export_bucket_onnx(model, plain, raw)
-    proto = finalize_onnx(raw, plain)
-    path = workdir / f"{plain.key}-plain.onnx"
-    onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data")
-    threads = engines.runners[engines.dense_key].threads
-    return OnnxRuntimeRunner(path, plain, device=device, threads=threads).activate()
-
-
 def _runtime_arms(backend: str, engines: Path, device: torch.device, cfg: BenchConfig, original: Any,
-                  manifest: Any, workdir: Path) -> list[Arm]:
-    import dataclasses
-
-    from tokprune.runtime.engine import EngineTransformer
-
+                  manifest: Any) -> list[Arm]:
     from tokprune import runtime
 
-    dense_key = manifest.data["step_buckets"][0]
-    dense_keys = [dense_key] * int(manifest.data["steps"])
-    step_keys = [k or "reuse" for k in manifest.data["step_buckets"]]
+    dense_keys = [_dense_key(manifest)] * int(manifest.data["steps"])
+    step_keys = [k or "reuse" for k in manifest.data["step_buckets"]]  # probe steps name the -probe bucket
     name = {"compile": "torch"}.get(backend, backend)
     kwargs: dict[str, Any] = {}
     if name == "torch":
@@ -311,15 +275,10 @@ def _runtime_arms(backend: str, engines: Path, device: torch.device, cfg: BenchC
         kwargs = {"threads": cfg.threads or torch.get_num_threads()}
     try:
         pruned_view = runtime.load(engines, backend=name, device=device, **kwargs)
-        plain = _plain_dense_runner(name, pruned_view, original, workdir / backend, device)
     except Exception as exc:  # noqa: BLE001 - any failure to load is a stated skip, not a crash
         reason = f"{type(exc).__name__}: {exc}"
         return [Arm(backend, False, skip_reason=reason), Arm(backend, True, skip_reason=reason)]
-    shared = pruned_view._engines
-    if plain is not None:
-        shared = dataclasses.replace(shared, runners={**shared.runners, dense_key: plain},
-                                     specs={**shared.specs, dense_key: plain.spec})
-    dense_view = EngineTransformer(shared, pruned=False)
+    dense_view = pruned_view.share(pruned=False)  # the plain dense bucket at every step
 
     def installer(view: Any) -> Callable[[Any], Any]:
         def install(pipe: Any) -> Any:
@@ -330,21 +289,35 @@ def _runtime_arms(backend: str, engines: Path, device: torch.device, cfg: BenchC
     arms = []
     for view, pruned, keys, frac in (
         (dense_view, False, dense_keys, 1.0),
-        (pruned_view, True, step_keys, float(manifest.data["mac_fraction"])),
+        (pruned_view, True, step_keys, _plan_fraction(manifest)),
     ):
         if backend == "compile" and not pruned:
             continue  # compile dense is torch.compile of the diffusers forward (below)
-        arms.append(Arm(backend, pruned, installer(view), runtime.detach, keys, frac, view=view,
-                        plain_dense=plain is not None or not manifest.bucket_specs()[dense_key].record_text))
+        arms.append(Arm(backend, pruned, installer(view), runtime.detach, keys, frac, view=view))
     return arms
 
 
-def _build_arms(cfg: BenchConfig, pipe: Any, manifest: Any, device: torch.device, workdir: Path) -> list[Arm]:
+def _dense_key(manifest: Any) -> str:
+    """The plain dense bucket's key (all N image and T text tokens, no probe)."""
+    from tokprune.export.spec import bucket_key
+
+    g = manifest.geometry
+    return bucket_key(g.num_tokens, g.text_tokens)
+
+
+def _plan_fraction(manifest: Any) -> float:
+    """MAC fraction of the export's plan counting what runs (the text-importance probe included)."""
+    from tokprune.pruning.macs import mac_fraction
+
+    return mac_fraction(manifest.geometry, manifest.schedule().to_plan(), manifest.reuse)
+
+
+def _build_arms(cfg: BenchConfig, pipe: Any, manifest: Any, device: torch.device) -> list[Arm]:
     from tokprune import pruning
 
     engines = Path(cfg.engines)
     steps = int(manifest.data["steps"])
-    dense_key = manifest.data["step_buckets"][0]
+    dense_key = _dense_key(manifest)
     step_keys = [k or "reuse" for k in manifest.data["step_buckets"]]
     original = pipe.transformer
     schedule = manifest.schedule()
@@ -360,7 +333,7 @@ def _build_arms(cfg: BenchConfig, pipe: Any, manifest: Any, device: torch.device
                 pruning.apply(p, schedule.to_plan(), policy=manifest.data.get("policy") or schedule.policy,
                               reuse=manifest.reuse)
 
-            arms.append(Arm("eager", True, install_eager, restore, step_keys, float(manifest.data["mac_fraction"])))
+            arms.append(Arm("eager", True, install_eager, restore, step_keys, _plan_fraction(manifest)))
         elif backend == "compile":
             compiled = torch.compile(original, dynamic=False)
 
@@ -368,7 +341,7 @@ def _build_arms(cfg: BenchConfig, pipe: Any, manifest: Any, device: torch.device
                 p.transformer = compiled
 
             arms.append(Arm("compile", False, install_compiled, restore, [dense_key] * steps, 1.0))
-            arms.extend(_runtime_arms("compile", engines, device, cfg, original, manifest, workdir))
+            arms.extend(_runtime_arms("compile", engines, device, cfg, original, manifest))
         elif backend == "tensorrt":
             from tokprune.export import tensorrt as trt_env
 
@@ -378,9 +351,9 @@ def _build_arms(cfg: BenchConfig, pipe: Any, manifest: Any, device: torch.device
             if not ok:
                 arms += [Arm("tensorrt", False, skip_reason=why), Arm("tensorrt", True, skip_reason=why)]
             else:
-                arms.extend(_runtime_arms("tensorrt", engines, device, cfg, original, manifest, workdir))
+                arms.extend(_runtime_arms("tensorrt", engines, device, cfg, original, manifest))
         else:  # onnxruntime, torch
-            arms.extend(_runtime_arms(backend, engines, device, cfg, original, manifest, workdir))
+            arms.extend(_runtime_arms(backend, engines, device, cfg, original, manifest))
     return arms
 
 
@@ -423,12 +396,8 @@ def run_bench(cfg: BenchConfig, *, command: str | None = None) -> BenchResult:
         "guidance": float(data["guidance"]),
         "max_sequence_length": g.text_tokens - clip_len,
     }
-    workdir = Path(tempfile.mkdtemp(prefix="tokprune-bench-"))
-    try:
-        arms = _build_arms(cfg, pipe, manifest, device, workdir)
-        return _measure(cfg, pipe, manifest, settings, device, arms, command)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    arms = _build_arms(cfg, pipe, manifest, device)
+    return _measure(cfg, pipe, manifest, settings, device, arms, command)
 
 
 def _measure(cfg: BenchConfig, pipe: Any, manifest: Any, settings: dict[str, Any], device: torch.device,
@@ -533,16 +502,6 @@ def _runtime_backend(name: str) -> Any:
     return RuntimeBackend.parse(name)
 
 
-def text_mass_macs(g: Any) -> int:
-    """Extra MACs of a dense call that also outputs ``text_mass`` (``record_text``).
-
-    ``pruned_forward``'s text-importance probe recomputes Q K^T for all N + T queries over all N + T keys
-    in every block (``_text_mass``), which :func:`tokprune.pruning.macs.step_macs` does not count. Batch included.
-    """
-    rows = g.num_tokens + g.text_tokens
-    return g.batch * g.num_layers * rows * rows * g.dim
-
-
 def _tables(arm: Arm) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """(step seconds by bucket key, engine-call seconds by bucket key) over an arm's measured runs."""
     by_bucket: dict[str, list[float]] = {}
@@ -559,27 +518,26 @@ def _bucket_check(arm: Arm, table: tuple[dict, dict], dense: Arm | None, dense_t
                   g: Any, specs: dict[str, Any], reuse: str) -> list[dict[str, Any]]:
     """Per bucket of a pruned arm: measured latency vs (dense latency x MAC ratio), same backend and run.
 
-    The dense latency is the same backend's dense arm (interleaved with this one): its median step and,
-    for runtime arms, its median engine call. MACs count what each call computes: diffusers' own
-    forward for eager/compile dense (its last block keeps text queries), the ``text_mass`` probe for
-    a bucket that outputs it (:func:`text_mass_macs`). Without a dense arm, the pruned arm's own
-    dense-bucket steps are the reference.
+    The dense latency is the same backend's dense arm (interleaved with this one, the plain dense
+    bucket at every step): its median step and, for runtime arms, its median engine call. MACs count
+    what each call computes (:mod:`tokprune.pruning.macs`): diffusers' own forward for eager/compile
+    dense (its last block keeps text queries), the plain dense bucket for a runtime's dense arm, and
+    the text-importance probe for the ``-probe`` bucket (``step_macs(..., probe=True)``). Without a
+    dense arm, the pruned arm's own plain dense-bucket steps are the reference.
     """
-    from tokprune.calibrate.schedule import Bucket
     from tokprune.pruning.macs import diffusers_dense_macs, step_macs
 
     def macs(key: str) -> int:
-        b = Bucket.from_key(key)
-        extra = text_mass_macs(g) if specs[key].record_text else 0
-        return step_macs(g, b.image_keep, b.text_keep, reuse) + extra
+        spec = specs[key]
+        return step_macs(g, spec.image_keep, spec.text_keep, reuse, probe=spec.record_text)
 
-    dense_key = arm.step_keys[0]
+    dense_key = next(k for k, s in specs.items() if s.dense and not s.prunes_text and not s.record_text)
     by_bucket, calls = table
     if dense is not None and dense_table is not None:
         if dense.view is None:  # the diffusers forward (eager, or torch.compile of it)
             ref_macs = diffusers_dense_macs(g)
         else:
-            ref_macs = step_macs(g, g.num_tokens, g.text_tokens, reuse) + (0 if dense.plain_dense else text_mass_macs(g))
+            ref_macs = step_macs(g, g.num_tokens, g.text_tokens, reuse)
         ref = {"step": _median(dense_table[0].get(dense_key, [])), "call": _median(dense_table[1].get(dense_key, []))}
         ref_label = f"{dense.label} arm"
     else:
@@ -588,10 +546,10 @@ def _bucket_check(arm: Arm, table: tuple[dict, dict], dense: Arm | None, dense_t
         ref_label = f"{arm.label} arm, bucket {dense_key}"
     out = []
     for key in sorted({k for k in arm.step_keys if k != "reuse"}, reverse=True):
-        b = Bucket.from_key(key)
+        b = specs[key]
         ratio = macs(key) / ref_macs
         entry: dict[str, Any] = {"backend": arm.backend, "bucket": key, "image_keep": b.image_keep,
-                                 "text_keep": b.text_keep, "text_mass": bool(specs[key].record_text),
+                                 "text_keep": b.text_keep, "text_mass": bool(b.record_text),
                                  "mac_ratio": ratio, "steps": arm.step_keys.count(key), "reference": ref_label}
         for what, mine in (("step", by_bucket), ("call", calls)):
             measured = _median(mine.get(key, []))

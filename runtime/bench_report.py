@@ -66,14 +66,15 @@ def markdown(result: Any) -> str:
             "",
             "Per bucket (pruned arms): latency vs the same backend's dense latency x MAC ratio, measured in the "
             "same interleaved run (step = whole transformer step incl. selection; call = engine call incl. cache "
-            "scatter; MACs include the text_mass probe where a bucket computes it).",
+            "scatter). MACs count what runs: a `-probe` bucket is the dense call plus the text-importance probe, "
+            "run only at the steps before text pruning; every other dense step runs the plain dense bucket.",
             "",
             "| backend | bucket | steps | MAC ratio | step median (s) | predicted | error | call median (s) | predicted | error |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for b in result.buckets:
             lines.append(
-                f"| {b['backend']} | {b['bucket']}{' (+text_mass)' if b.get('text_mass') else ''} | {b['steps']} | {b['mac_ratio']:.3f} | {_fmt(b.get('step_median_s'), '.4f')} | "
+                f"| {b['backend']} | {b['bucket']} | {b['steps']} | {b['mac_ratio']:.3f} | {_fmt(b.get('step_median_s'), '.4f')} | "
                 f"{_fmt(b.get('step_predicted_s'), '.4f')} | {_fmt(b.get('step_error_pct'), '+.1f')}% | "
                 f"{_fmt(b.get('call_median_s'), '.4f')} | {_fmt(b.get('call_predicted_s'), '.4f')} | "
                 f"{_fmt(b.get('call_error_pct'), '+.1f')}% |"

@@ -33,8 +33,9 @@ def test_budget_half_exports_every_bucket(export_half):
     assert m.data["budget"] == 0.5 and abs(m.data["mac_fraction"] - 0.5) <= 0.02
     specs = m.bucket_specs()
     assert len(specs) >= 2 and any(s.dense for s in specs.values()) and any(not s.dense for s in specs.values())
-    assert m.step_buckets[0] == next(k for k, s in specs.items() if s.dense and not s.prunes_text)
-    assert set(k for k in m.step_buckets if k) == set(specs)
+    dense_keys = {k for k, s in specs.items() if s.dense and not s.prunes_text}  # plain, and -probe if text is pruned
+    assert m.step_buckets[0] in dense_keys
+    assert set(k for k in m.step_buckets if k) | dense_keys == set(specs)
     assert all(b["exporter"] == "dynamo" for b in m.buckets)
     assert verify(d) == []
     assert sorted(p.name for p in d.iterdir()) == sorted(
@@ -75,9 +76,15 @@ def test_onnx_io_follows_the_bucket_spec(export_half):
         names = set(spec.input_names())
         assert spec.dense == (not any(n.startswith("cache.") for n in names)) == ("prev_noise" not in names)
         assert ("txt_idx" in names) == spec.prunes_text
-    dense = m.bucket(m.step_buckets[0])
-    if m.schedule().to_plan().prunes_text():
-        assert dense["record_text"] and "text_mass" in [t["name"] for t in dense["io"]]
+    dense = m.bucket(m.step_buckets[0].removesuffix("-probe"))
+    assert not dense["record_text"] and "text_mass" not in [t["name"] for t in dense["io"]]  # the plain dense bucket
+    probe_steps = m.schedule().to_plan().probe_steps()
+    if probe_steps:  # its text_mass variant runs at exactly those steps
+        probe = m.bucket(dense["key"] + "-probe")
+        assert probe["record_text"] and "text_mass" in [t["name"] for t in probe["io"]]
+        assert probe["steps"] == list(probe_steps)
+    else:
+        assert not any(b["record_text"] for b in m.buckets)
 
 
 def test_every_bucket_matches_pytorch_in_onnxruntime(export_half):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tokprune.calibrate.schedule import Bucket
-from tokprune.export.spec import BucketSpec, Precision, TensorSpec
+from tokprune.export.spec import BucketSpec, Precision, TensorSpec, bucket_key
 from tokprune.pruning.geometry import Geometry
 
 from tokprune.errors import ConfigError, ShapeError
@@ -71,6 +71,16 @@ def test_record_text_adds_text_mass_only_on_the_dense_full_text_bucket():
     assert table(BucketSpec(g, 256, record_text=True))["text_mass"] == ("output", (2, 333), "float32")
     with pytest.raises(ConfigError):
         BucketSpec(g, 64, record_text=True)
+
+
+def test_probe_variant_has_its_own_key_and_one_more_output():
+    g = geometry()
+    plain, probe = BucketSpec(g, 256), BucketSpec(g, 256, record_text=True)
+    assert plain.key == "k0256-t0333" and probe.key == "k0256-t0333-probe" == bucket_key(256, 333, probe=True)
+    assert probe.input_names() == plain.input_names()
+    assert probe.output_names() == plain.output_names() + ["text_mass"]
+    assert probe.to_dict()["key"] == probe.key and probe.to_dict()["record_text"]
+    assert BucketSpec.from_dict(probe.to_dict(), g) == probe
 
 
 def test_key_matches_the_schedule_bucket_key():

@@ -50,7 +50,16 @@ def test_bench_end_to_end(pruned_export, tmp_path, capsys):
     assert base["speedup"] == 1.0 and base["mac_fraction"] == 1.0 and base["identical_to_baseline"]
     ort = rows[("onnxruntime", True)]
     assert ort["status"] == "ok" and ort["median_s"] > 0 and ort["mac_fraction"] < 0.8
-    assert set(ort["bucket_call_median_s"]) == {"k0256-t0093", "k0064-t0080"}
+    # step 0 is the probe step (text pruning follows): the -probe bucket runs there, and nowhere else
+    assert set(ort["bucket_call_median_s"]) == {"k0256-t0093-probe", "k0064-t0080"}
+    assert set(rows[("onnxruntime", False)]["bucket_call_median_s"]) == {"k0256-t0093"}  # plain dense only
+    from tokprune.export.manifest import load_manifest
+    from tokprune.pruning.macs import mac_fraction
+
+    m = load_manifest(pruned_export)
+    assert ort["mac_fraction"] == pytest.approx(mac_fraction(m.geometry, m.schedule().to_plan()))  # probe counted
+    probe = next(b for b in data["buckets"] if b["backend"] == "onnxruntime" and b["bucket"].endswith("-probe"))
+    assert probe["text_mass"] and probe["mac_ratio"] > 1.0 and probe["steps"] == 1
     # ORT pruned and eager pruned run the same plan: same images (PSNR to the dense baseline equal)
     assert abs(ort["psnr_db"] - rows[("eager", True)]["psnr_db"]) < 0.5
     ort_dense = rows[("onnxruntime", False)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tokprune.runtime import EngineTransformer, RuntimeBusyError
 
-from tests.runtime.conftest import GUIDANCE, STEPS, clone_pipe, generate
+from tests.runtime.conftest import GUIDANCE, STEPS, TEXT, clone_pipe, generate
 from tokprune import pruning, runtime
 from tokprune.errors import (
     BackendUnavailableError,
@@ -195,11 +195,10 @@ def test_tensorrt_backend_refused_without_gpu(pruned_export):
 def test_text_pruning_needs_text_mass(pruned_export, tmp_path):
     d = _copy(pruned_export, tmp_path)
     manifest = json.loads((d / "manifest.json").read_text())
-    dense = manifest["buckets"][0]
-    dense["record_text"] = False
-    dense["io"] = [t for t in dense["io"] if t["name"] != "text_mass"]
+    assert [b["key"] for b in manifest["buckets"]][:2] == [f"k0256-t{TEXT:04d}", f"k0256-t{TEXT:04d}-probe"]
+    manifest["buckets"] = [b for b in manifest["buckets"] if not b["key"].endswith("-probe")]
     (d / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ManifestError, match=r"prunes text tokens.*'text_mass' output.*re-export"):
+    with pytest.raises(ManifestError, match=r"prunes text tokens.*probe bucket k0256-t0093-probe.*'text_mass' output.*re-export"):
         runtime.load(d, check_files=False)
 
 
