@@ -5,9 +5,11 @@ One command, for a newcomer on a CPU machine:
 1. calibrate a keep schedule under ``--budget`` (a light profile: one prompt, a 2-point keep grid,
    no text probes, token pruning only — a full calibration is ``tokprune-calibrate``), and freeze it into buckets;
 2. export every bucket to ONNX (``tokprune-export --schedule``), checked against PyTorch;
-3. generate the same held-out prompts with the same seeds twice — PyTorch eager dense (diffusers
-   as shipped) and the exported engines through ONNX Runtime inside the unmodified pipeline —
-   and write a picture grid (top row dense, bottom row pruned) next to a speed table.
+3. generate the same held-out prompts with the same seeds three times — PyTorch eager dense
+   (diffusers as shipped), the dense bucket alone in ONNX Runtime, and the exported engines with
+   the schedule in ONNX Runtime, all inside the unmodified pipeline — and write a picture grid
+   (top row dense, bottom row pruned) next to a speed table that separates the export gain (ONNX
+   Runtime dense vs eager dense) from the pruning gain (ONNX Runtime pruned vs ONNX Runtime dense).
 
 For the ``shapes`` yardstick the checker also scores both rows (attribute accuracy).
 
@@ -45,7 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engines", type=Path, help="export directory (default engines/<model>-<H>x<W>-s<S>-b<B>)")
     p.add_argument("--report", type=Path, default=Path("demo-output"), help="where the grid and table go")
-    return p
+    p.add_argument("--force", action="store_true",
+                   help="replace a tokprune export at --engines that an earlier demo did not make (the demo replaces "
+                        "its own exports; it never touches anything else)")
+    from tokprune.console import add_common
+
+    return add_common(p)
 
 
 def _prompts(model: str, n: int, *, split_seed: int) -> list[str]:
@@ -106,6 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tokprune.export.exporter import ExportConfig, export_model
     from tokprune.models import call_defaults, load_pipeline
 
+    _precheck(args)  # bad flags and output places fail before the model loads
     torch.set_num_threads(max(1, torch.get_num_threads()))
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -139,33 +147,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.report.mkdir(parents=True, exist_ok=True)
     sched_path = args.report / "schedule.json"
     schedule.save(sched_path)
-    export_model(ExportConfig(model=args.model, schedule_file=str(sched_path)), out, force=True, progress=True,
-                 command=f"tokprune-export --model {args.model} --schedule {sched_path}")
+    command = f"tokprune-export --model {args.model} --schedule {sched_path}"
+    export_model(ExportConfig(model=args.model, schedule_file=str(sched_path)), out,
+                 force=args.force or _made_by_demo(out, command), progress=True, command=command)
 
-    print(f"[3/3] generating {len(shown)} held-out prompts: eager dense vs engines (ONNX Runtime), same seeds", flush=True)
+    print(f"[3/3] generating {len(shown)} held-out prompts: eager dense, ONNX Runtime dense, ONNX Runtime pruned; "
+          "same seeds", flush=True)
     _generate(pipe, shown[:1], {**kwargs, "num_inference_steps": 2}, args.seed)  # warm-up
     dense, t_dense = _generate(pipe, shown, kwargs, args.seed)
-    runtime.attach(pipe, out, backend="onnxruntime")
+    engines = runtime.load(out, backend="onnxruntime")
     try:
-        _generate(pipe, shown[:1], kwargs, args.seed)  # warm-up (session creation)
+        runtime.attach(pipe, engines)
+        _generate(pipe, shown[:1], kwargs, args.seed)  # warm-up (first runs of every bucket's session)
         pruned, t_pruned = _generate(pipe, shown, kwargs, args.seed)
+        runtime.detach(pipe)
+        runtime.attach(pipe, engines.share(pruned=False))  # the same sessions, the dense bucket at every step
+        ort_dense, t_ort_dense = _generate(pipe, shown, kwargs, args.seed)
     finally:
         runtime.detach(pipe)
+        engines.close()
 
-    diff = np.abs(dense.astype(np.float64) - pruned.astype(np.float64))
-    mse = float((diff**2).mean())
-    psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+    def psnr_vs_dense(images: Any) -> float:
+        mse = float(((dense.astype(np.float64) - images.astype(np.float64)) ** 2).mean())
+        return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
     result: dict[str, Any] = {
-        "model": args.model, "budget": args.budget, "mac_fraction": schedule.mac_fraction, "steps": args.steps,
-        "n": len(shown), "dense_s": t_dense, "pruned_s": t_pruned, "speedup": t_dense / t_pruned, "psnr_db": psnr,
-        "engines": str(out),
+        "model": args.model, "budget": args.budget, "mac_fraction": _counted_fraction(engines), "steps": args.steps,
+        "n": len(shown), "dense_s": t_dense, "ort_dense_s": t_ort_dense, "pruned_s": t_pruned,
+        "speedup": t_dense / t_pruned,  # overall: ONNX Runtime pruned vs eager dense
+        "export_gain": t_dense / t_ort_dense,  # ONNX Runtime dense vs eager dense
+        "pruning_gain": t_ort_dense / t_pruned,  # ONNX Runtime pruned vs ONNX Runtime dense
+        "psnr_db": psnr_vs_dense(pruned), "ort_dense_psnr_db": psnr_vs_dense(ort_dense), "engines": str(out),
     }
     if args.model == "shapes":
         from tokprune.yardstick.checker import score
         from tokprune.yardstick.dataset import sample_spec
 
         specs = [sample_spec(i, 1) for i in range(len(shown))]
-        for name, imgs in (("dense", dense), ("pruned", pruned)):
+        for name, imgs in (("dense", dense), ("ort_dense", ort_dense), ("pruned", pruned)):
             result[f"accuracy_{name}"] = float(score([img for img in imgs], specs)["mean"])
     _grid([("dense", dense), (f"pruned\nb={args.budget:g}", pruned)], shown, args.report / "grid.png")
     table = _table(result)
@@ -177,14 +196,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _table(r: dict[str, Any]) -> str:
     rows = [
-        "| run | backend | MAC fraction | seconds for the grid | speedup | PSNR vs dense | accuracy |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        f"| dense | PyTorch eager (diffusers) | 1.000 | {r['dense_s']:.1f} | 1.00x | | {_acc(r, 'dense')} |",
-        f"| pruned | ONNX Runtime engines | {r['mac_fraction']:.3f} | {r['pruned_s']:.1f} | {r['speedup']:.2f}x | "
-        f"{r['psnr_db']:.1f} dB | {_acc(r, 'pruned')} |",
+        "| run | backend | MAC fraction | seconds for the grid | vs eager dense | vs ONNX Runtime dense "
+        "| PSNR vs eager dense | accuracy |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| dense | PyTorch eager (diffusers) | 1.000 | {r['dense_s']:.1f} | 1.00x | | | {_acc(r, 'dense')} |",
+        f"| dense | ONNX Runtime, dense bucket every step | 1.000 | {r['ort_dense_s']:.1f} | "
+        f"{r['export_gain']:.2f}x export gain | 1.00x | {_db(r['ort_dense_psnr_db'])} | {_acc(r, 'ort_dense')} |",
+        f"| pruned | ONNX Runtime engines, schedule | {r['mac_fraction']:.3f} | {r['pruned_s']:.1f} | "
+        f"{r['speedup']:.2f}x overall | {r['pruning_gain']:.2f}x pruning gain | {_db(r['psnr_db'])} | "
+        f"{_acc(r, 'pruned')} |",
     ]
+    rows.append(
+        f"\nExport gain {r['export_gain']:.2f}x (ONNX Runtime dense vs PyTorch eager dense) x pruning gain "
+        f"{r['pruning_gain']:.2f}x (ONNX Runtime pruned vs ONNX Runtime dense) = overall {r['speedup']:.2f}x. "
+        "MAC fraction counts every transformer MAC that runs."
+    )
     head = f"{r['model']}: {r['n']} images, {r['steps']} steps, budget {r['budget']:g} (CPU timings of one run: ratios, not absolutes)"
     return head + "\n\n" + "\n".join(rows)
+
+
+def _db(x: float) -> str:
+    return "identical" if x == float("inf") else f"{x:.1f} dB"
+
+
+def _counted_fraction(engines: Any) -> float:
+    """MAC fraction of the runtime's plan, counting what runs (the text-importance probe included)."""
+    from tokprune.pruning.macs import mac_fraction
+
+    return mac_fraction(engines.manifest.geometry, engines.plan, engines.manifest.reuse)
 
 
 def _acc(r: dict[str, Any], name: str) -> str:
@@ -192,17 +231,42 @@ def _acc(r: dict[str, Any], name: str) -> str:
     return "" if v is None else f"{100 * v:.1f}%"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from tokprune.errors import TokpruneError
+def _precheck(args: argparse.Namespace) -> None:
+    """Flags and output places, checked before the model loads (nothing is written by a refusal)."""
+    from tokprune.errors import ConfigError
+    from tokprune.export.outdir import check_replaceable, resolve_out
+    from tokprune.fsutil import check_output_dir
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
+    if not 0.0 < args.budget <= 1.0:
+        raise ConfigError(f"--budget {args.budget!r} is out of range; expected a fraction of dense MACs in (0, 1], e.g. 0.5")
+    for flag, value, low in (("--steps", args.steps, 2), ("--n", args.n, 1), ("--calib-prompts", args.calib_prompts, 1)):
+        if value < low:
+            raise ConfigError(f"{flag} {value}; expected an int >= {low}")
+    check_output_dir(args.report, flag="--report")
+    if args.engines is not None:
+        engines = resolve_out(args.engines)
+        check_output_dir(engines, flag="--engines")
+        check_replaceable(engines, force=True)  # a non-export directory is refused outright, --force or not
+
+
+def _made_by_demo(out: Path, command: str) -> bool:
+    """True when ``out`` is absent, empty, or an export a demo wrote with this ``command`` (the demo replaces
+    its own exports only; any other export needs --force)."""
+    import json
+
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return True
     try:
-        run(args)
-    except TokpruneError as exc:  # clear message, no traceback
-        print(f"tokprune-demo: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("command") == command
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tokprune-demo``: 0 ok, 1 failure, 2 bad input, 130 interrupted."""
+    from tokprune.console import run_cli
+
+    return run_cli(_parser(), argv, lambda args: (run(args), 0)[1])
 
 
 if __name__ == "__main__":
