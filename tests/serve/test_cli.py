@@ -1,0 +1,53 @@
+"""tokprune-serve refuses a damaged export before starting Ray, with tokprune-inspect --verify's own lines."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+
+from tokprune.errors import ConfigError
+from tokprune.export.cli import inspect_main
+from tokprune.serve.cli import main as serve_main
+from tokprune.serve.deployment import ServeOptions, deployment_kwargs
+
+
+def _lines(text: str, prog: str) -> list[str]:
+    return [line[len(prog) + 2:] for line in text.splitlines() if line.startswith(prog + ": ")]
+
+
+def test_corrupted_directory_is_refused_with_the_inspect_message(tiny_export, tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_export, bad)
+    onnx = sorted(bad.glob("*.onnx"))[0]
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    monkeypatch.setitem(sys.modules, "ray", None)  # would fail loudly if the server got as far as Ray
+    assert inspect_main([str(bad), "--verify"]) == 1
+    want = _lines(capsys.readouterr().err, "tokprune-inspect")
+    assert serve_main([str(bad)]) == 1
+    got = _lines(capsys.readouterr().err, "tokprune-serve")
+    assert got == want and any(onnx.name in line for line in got)
+
+
+def test_missing_manifest_is_refused(tmp_path, capsys):
+    assert serve_main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tokprune-serve: error:") and "manifest" in err
+
+
+def test_without_ray_it_says_how_to_install(tiny_export, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert serve_main([str(tiny_export)]) == 2
+    assert "pip install 'tokprune[serve]'" in capsys.readouterr().err
+
+
+def test_options_are_checked_and_mapped():
+    with pytest.raises(ConfigError, match="--min-replicas/--max-replicas: got 3..2"):
+        ServeOptions(min_replicas=3, max_replicas=2).check()
+    kw = deployment_kwargs(ServeOptions(min_replicas=0, max_replicas=4, num_cpus=2, num_gpus=1, max_ongoing_requests=3))
+    assert kw["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in kw
+    assert kw["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1} and kw["max_ongoing_requests"] == 3
+    assert deployment_kwargs(ServeOptions(replicas=3))["num_replicas"] == 3
