@@ -3,7 +3,8 @@
 Example::
 
     tokprune-calibrate --model sd3-tiny --budget 0.5 --out schedule.json
-    # writes schedule.json and schedule.png (per-step keep counts and buckets)
+    # writes schedule.json and schedule.png (per-step keep counts and buckets); measured rollouts
+    # are checkpointed in schedule.calibration/ so an interrupted run resumes where it stopped
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from tokprune.errors import TokpruneError
+from tokprune.console import add_common, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -85,23 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("float32", "float16", "bfloat16"),
         help="weights dtype (default: float32; float16/bfloat16 on GPU)",
     )
-    tinker.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
+    tinker.add_argument(
+        "--checkpoint-dir", type=Path, default=None,
+        help="where measured rollouts are checkpointed; a re-run with the same directory reuses them "
+             "(default: next to --out, e.g. schedule.calibration/)",
+    )
+    return add_common(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``tokprune-calibrate``. Returns the exit code (0 ok, 2 bad input or model)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-        )
-    try:
-        return _run(args)
-    except TokpruneError as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
-        return 2
+    """Entry point of ``tokprune-calibrate``. Returns the exit code (0 ok, 1 failure, 2 bad input, 130 interrupted)."""
+    return run_cli(build_parser(), argv, _run,
+                   interrupted_hint="re-run the same command to resume (measured rollouts are checkpointed)")
+
+
+def checkpoint_dir(args: argparse.Namespace) -> Path:
+    """``--checkpoint-dir``, else ``<out without .json>.calibration`` beside ``--out``."""
+    if args.checkpoint_dir is not None:
+        return args.checkpoint_dir
+    return args.out.with_name(args.out.stem + ".calibration")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -111,13 +114,18 @@ def _run(args: argparse.Namespace) -> int:
     from tokprune.calibrate.plot import plot_schedule
     from tokprune.calibrate.profile import load_prompts
     from tokprune.errors import ConfigError
+    from tokprune.fsutil import check_output_dir, check_output_file, read_text_input
     from tokprune.models import load_pipeline
 
     if args.num_prompts < 0:
         raise ConfigError(f"--num-prompts {args.num_prompts}; expected >= 1, or 0 for all")
-    out: Path = args.out
-    if out.suffix.lower() != ".json":
-        raise ConfigError(f"--out {str(out)!r} should end in .json (the plot is written beside it as .png)")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}; expected >= 1")
+    out: Path = check_output_file(args.out, flag="--out", extensions=(".json",))  # before hours of calibration
+    check_output_file(out.with_suffix(".png"), flag="--out (its .png plot)", extensions=(".png",))
+    ckpt = check_output_dir(checkpoint_dir(args), flag="--checkpoint-dir")
+    if args.prompts is not None:
+        read_text_input(args.prompts, flag="--prompts", what="prompt")  # binary / empty / a directory
     prompts = load_prompts(args.prompts)  # missing / empty file -> ConfigError before loading the model
     if not 0.0 < args.budget <= 1.0:  # repeated in calibrate(); here so it fails before the model loads
         raise ConfigError(
@@ -154,6 +162,7 @@ def _run(args: argparse.Namespace) -> int:
         model=args.model,
         allow_reuse=not args.no_reuse_steps,
         progress=not args.quiet,
+        **_checkpoint(calibrate, ckpt),
     )
     sched.save(out)
     png = plot_schedule(sched, out.with_suffix(".png"))
@@ -170,6 +179,17 @@ def _run(args: argparse.Namespace) -> int:
     ]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def _checkpoint(calibrate: object, ckpt: Path) -> dict:
+    from tokprune.export.checks import checkpoint_kwargs
+
+    kwargs = checkpoint_kwargs(calibrate, ckpt)
+    if kwargs:
+        logger.info("measured rollouts are checkpointed in %s (a re-run with the same flags reuses them)", ckpt)
+    else:
+        logger.debug("this calibrate() does not checkpoint; %s is not used", ckpt)
+    return kwargs
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -159,7 +159,10 @@ class Schedule:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scheduler_config", _jsonable(dict(self.scheduler_config), "scheduler_config"))
+        # diffusers' private bookkeeping (_class_name, _diffusers_version, _use_default_values in varying
+        # order) is dropped: identical runs must give identical content hashes.
+        public = {k: v for k, v in dict(self.scheduler_config).items() if not str(k).startswith("_")}
+        object.__setattr__(self, "scheduler_config", _jsonable(public, "scheduler_config"))
         object.__setattr__(self, "stats", _jsonable(dict(self.stats), "stats"))
         object.__setattr__(self, "buckets", tuple(self.buckets))
         object.__setattr__(self, "plan", tuple(self.plan))
@@ -336,7 +339,8 @@ class Schedule:
             sched = cls(**body)
         except ScheduleError as e:
             raise ScheduleError(f"{source}: {e}") from None
-        if sched.content_hash != stored_hash:  # normalisation changed something: not canonical
+        legacy = any(str(k).startswith("_") for k in body["scheduler_config"])  # written before private keys were dropped
+        if sched.content_hash != stored_hash and not legacy:  # normalisation changed something: not canonical
             raise ScheduleError(f"{source}: content is not in canonical form (hash differs after parsing)")
         return sched
 

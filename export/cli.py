@@ -1,8 +1,8 @@
 """Command-line entry points: ``tokprune-export``, ``tokprune-build``, ``tokprune-inspect``.
 
-Each ``*_main(argv=None) -> int`` returns the exit status (0 ok, 1 failure, 2 usage error,
-130 interrupted) and prints errors as one line that says what to do; tracebacks only with
-``--debug``.
+Each ``*_main(argv=None) -> int`` goes through :func:`tokprune.console.run_cli`: it returns the
+exit status (0 ok, 1 failure, 2 bad input, 130 interrupted) and prints errors as one line that
+says what to do; tracebacks only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -11,49 +11,13 @@ import argparse
 import logging
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from tokprune.errors import ConfigError, TokpruneError
+from tokprune.console import add_common, run_cli
 
 logger = logging.getLogger("tokprune.export")
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at emit time (it may be swapped, e.g. by test capture)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr
-        super().emit(record)
-
-
-def _setup_logging(quiet: bool, debug: bool) -> None:
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    root = logging.getLogger("tokprune")
-    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        root.addHandler(handler)
-    root.setLevel(level)
-
-
-def _run(prog: str, debug: bool, body: Callable[[], int]) -> int:
-    try:
-        return body()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
-    except TokpruneError as exc:
-        if debug:
-            raise
-        status = 2 if isinstance(exc, ConfigError) else 1
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return status
-    except OSError as exc:
-        if debug:
-            raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
+RESUME_HINT = "re-run the same command to resume (finished buckets and calibration measurements are kept)"
 
 
 # ---- tokprune-export --------------------------------------------------------------------------------
@@ -82,18 +46,16 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "tensorrt"],
                    help="auto: engines when TensorRT + GPU are here, else ONNX only; tensorrt: fail without them")
     p.add_argument("--schedule", help="use this schedule file instead of calibrating")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing export (only a tokprune export or an empty directory; anything else "
+                        "is refused)")
+    return add_common(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``tokprune-export``. Example: ``main(["--model", "sd3-tiny", "--budget", "0.5", "--steps", "8"])``."""
-    args = _export_parser().parse_args(argv)
-    _setup_logging(args.quiet, args.debug)
 
-    def body() -> int:
+    def body(args: argparse.Namespace) -> int:
         from tokprune.export.exporter import ExportConfig, export_model
 
         config = ExportConfig(
@@ -115,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{result.directory}: {result.message}")
         return 0
 
-    return _run("tokprune-export", args.debug, body)
+    return run_cli(_export_parser(), argv, body, interrupted_hint=RESUME_HINT)
 
 
 # ---- tokprune-build ----------------------------------------------------------------------------------
@@ -128,19 +90,18 @@ def build_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("directory", type=Path, help="a directory written by tokprune-export")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
     p.add_argument("--rebuild", action="store_true", help="replace engines that are already built")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--debug", action="store_true")
-    args = p.parse_args(argv)
-    _setup_logging(args.quiet, args.debug)
+    add_common(p)
 
-    def body() -> int:
+    def body(args: argparse.Namespace) -> int:
+        from tokprune.export.manifest import load_manifest
         from tokprune.export.tensorrt import build_engines
 
+        load_manifest(args.directory)  # not an export: say so before anything about TensorRT
         engines = build_engines(args.directory, opt_level=args.opt_level, progress=not args.quiet, rebuild=args.rebuild)
         print(f"{args.directory}: engines built with TensorRT {engines['tensorrt']} on {engines['gpu']['name']}")
         return 0
 
-    return _run("tokprune-build", args.debug, body)
+    return run_cli(p, argv, body)
 
 
 # ---- tokprune-inspect --------------------------------------------------------------------------------
@@ -212,24 +173,31 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("directory", type=Path)
     p.add_argument("--verify", action="store_true", help="re-hash every file; name missing or corrupted ones")
     p.add_argument("--io", action="store_true", help="also print every bucket's I/O table")
-    p.add_argument("--debug", action="store_true")
-    args = p.parse_args(argv)
+    add_common(p)
 
-    def body() -> int:
-        from tokprune.export.manifest import load_manifest, verify
+    def body(args: argparse.Namespace) -> int:
+        from tokprune.export.manifest import load_manifest, verify_report
 
         manifest = load_manifest(args.directory)
-        print(format_manifest(manifest, io=args.io))
+        try:
+            print(format_manifest(manifest, io=args.io))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited manifest
+            if not args.verify:
+                raise
+            print(f"(the manifest cannot be shown in full: {type(exc).__name__}: {exc})")
         if not args.verify:
             return 0
-        problems = verify(args.directory)
+        problems, notes = verify_report(args.directory)
+        for note in notes:
+            print(f"note: {note}")
         if problems:
             print(file=sys.stderr)
             for line in problems:
                 print(f"tokprune-inspect: {line}", file=sys.stderr)
             print(f"tokprune-inspect: {len(problems)} problem(s); re-export with tokprune-export ... --force", file=sys.stderr)
             return 1
-        print(f"\nverified: {len(manifest.files())} files match their sha256")
+        what = "the manifest matches its content hash and " if not notes else ""
+        print(f"\nverified: {what}{len(manifest.files())} files match their sha256")
         return 0
 
-    return _run("tokprune-inspect", args.debug, body)
+    return run_cli(p, argv, body)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import platform
 import shutil
 import time
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokprune.export import outdir
+from tokprune.export.checks import check_calibration_inputs, checkpoint_kwargs, precheck
 from tokprune.export.errors import DiskFullError, ExportError
 from tokprune.export.manifest import (
     FORMAT,
@@ -55,13 +56,15 @@ from tokprune.export.spec import PROBE_SUFFIX, Backend, BucketSpec, Precision, g
 from tokprune.export.weights import WEIGHTS_FILE, SharedWeights
 
 import tokprune
-from tokprune.errors import ConfigError, ScheduleError
+from tokprune.errors import ConfigError, ScheduleError, ShapeError
+from tokprune.fsutil import atomic_write_json, check_output_dir, replace_dir
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ExportConfig", "ExportResult", "bucket_specs", "default_out_dir", "export_model", "partial_dir"]
 
 STATE_FILE = ".export-state.json"
+CALIBRATION_DIR = "calibration"  # inside the work directory: measured rollouts, reused by a re-run
 SCHEDULE_FILE = "schedule.json"
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 7.0
@@ -137,6 +140,7 @@ def default_out_dir(model_name: str, height: int, width: int, steps: int, budget
 
 def partial_dir(out_dir: Path) -> Path:
     """The temporary sibling an export is built in before it is renamed into place."""
+    out_dir = outdir.resolve_out(out_dir)
     return out_dir.parent / f".{out_dir.name}.partial"
 
 
@@ -163,12 +167,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=1)
 
 
 def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -213,12 +212,14 @@ def export_model(
 
     start = time.perf_counter()
     source = resolve_model(config.model)  # unknown names fail here, before anything is loaded
+    precheck(config, out_dir, force)  # bad --out / --policy / --prompts fail before the model loads
     if config.backend is Backend.TENSORRT:  # fail fast, before loading or writing anything
         where = out_dir
         if where is None and config.height and config.width and config.budget is not None:
             where = default_out_dir(source.name, config.height, config.width, config.steps or DEFAULT_STEPS, config.budget)
         trt.require_tensorrt(where or "DIR")
     work: Path | None = None
+    made_work, held = False, None
     try:
         pipe = load_pipeline(config.model)
         schedule_in = None
@@ -227,10 +228,14 @@ def export_model(
 
             schedule_in = _load_schedule_file(config, pipe, fingerprint(pipe.transformer))
         settings = _settle(config, pipe, schedule_in)
-        out = Path(out_dir) if out_dir is not None else default_out_dir(
+        out = outdir.resolve_out(out_dir) if out_dir is not None else default_out_dir(
             source.name, settings["height"], settings["width"], settings["steps"], settings["budget"]
         )
         identity = _identity(config, source, pipe, settings, schedule_in)
+        if schedule_in is None:
+            check_calibration_inputs(config, pipe, settings, _max_sequence_length(config, pipe))
+        check_output_dir(out, flag="--out")
+        held = outdir.lock(out, command=command or "").acquire()  # a second export into `out` is refused
         existing = _check_existing(out, identity, force=force)
         if existing is not None:
             if config.backend is not Backend.ONNX and not existing.engines_built and trt.availability()[0]:
@@ -241,6 +246,7 @@ def export_model(
             existing.seconds = time.perf_counter() - start
             return existing
         work = partial_dir(out)
+        made_work = not work.exists()
         state = _open_state(work, identity)
         result = _export_into(work, state, config, source, pipe, settings, schedule_in, progress=progress, command=command)
         _finalize(work, out)
@@ -249,6 +255,8 @@ def export_model(
         result.seconds = time.perf_counter() - start
         return result
     except Exception as exc:
+        if made_work and work is not None and isinstance(exc, (ConfigError, ShapeError, ScheduleError)):
+            shutil.rmtree(work, ignore_errors=True)  # a refusal leaves nothing behind (made by this run)
         full = _enospc(exc)
         if full is not None:
             where = work if work is not None else Path(out_dir or ".")
@@ -259,6 +267,9 @@ def export_model(
                 f"the same command to resume",
             ) from exc
         raise
+    finally:
+        if held is not None:
+            held.release()
 
 
 def _load_schedule_file(config: ExportConfig, pipe: Any, fp: str):
@@ -330,21 +341,15 @@ def _identity(config: ExportConfig, source: Any, pipe: Any, settings: dict[str, 
 
 def _check_existing(out: Path, identity: dict[str, Any], *, force: bool) -> ExportResult | None:
     """None when the export should run; an up-to-date result when ``out`` already holds it."""
-    if not out.exists():
-        return None
-    if out.is_file():
-        raise ConfigError(f"--out {out} is a file; choose a directory path")
-    if force:
-        return None
-    if not any(out.iterdir()):
-        out.rmdir()
+    kind = outdir.check_replaceable(out, force=force)  # refuses a non-export directory, --force or not
+    if kind != "export" or force:
         return None
     try:
         manifest = load_manifest(out)
-    except Exception as exc:  # noqa: BLE001 - any unreadable manifest: not ours to overwrite
+    except Exception as exc:  # noqa: BLE001 - a damaged export: replace it only when asked
         raise ConfigError(
-            f"output directory {out} exists but is not a readable tokprune export ({exc}); pass --force to replace it "
-            f"or choose another --out"
+            f"output directory {out} holds a tokprune export whose manifest does not load ({exc}); pass --force to "
+            f"replace it or choose another --out"
         ) from None
     previous = manifest.data.get("export_config", {})
     diff = _config_diff(previous, identity)
@@ -376,7 +381,7 @@ def _open_state(work: Path, identity: dict[str, Any]) -> dict[str, Any]:
             logger.info("resuming the interrupted export in %s", work)
             return state
         logger.info("discarding %s (an interrupted export of another configuration)", work)
-        shutil.rmtree(work)
+        outdir.discard_work(work, STATE_FILE)
     work.mkdir(parents=True)
     state = {"identity": identity, "schedule_sha256": None, "weights": None, "buckets": {}}
     _write_json_atomic(state_path, state)
@@ -466,9 +471,10 @@ def _schedule_step(work, state, config, source, pipe, settings, schedule_in, *, 
             pipe, budget=settings["budget"], steps=settings["steps"], prompts=prompts, height=settings["height"],
             width=settings["width"], guidance=settings["guidance"], max_buckets=config.max_buckets, policy=config.policy,
             num_prompts=config.num_prompts, seed=config.seed, max_sequence_length=_max_sequence_length(config, pipe),
-            model=config.model, progress=progress,
+            model=config.model, progress=progress, **checkpoint_kwargs(calibrate, work / CALIBRATION_DIR),
         )
     schedule.save(path)
+    shutil.rmtree(work / CALIBRATION_DIR, ignore_errors=True)  # the export's own checkpoints; the schedule holds them
     state["schedule_sha256"] = sha256_file(path)
     state["buckets"] = {}  # a new schedule invalidates buckets of an earlier one
     _write_json_atomic(work / STATE_FILE, state)
@@ -596,11 +602,4 @@ def _finalize(work: Path, out: Path) -> None:
     for p in work.rglob("*"):  # temporary-file helpers create 0600 files; artifacts are for sharing
         if p.is_file():
             p.chmod(0o644)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
+    replace_dir(work, out)  # atomic swap (an old export goes only after the new one is in place); --out . too

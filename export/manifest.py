@@ -27,8 +27,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +44,11 @@ __all__ = [
     "file_entry",
     "load_manifest",
     "sha256_file",
+    "check_consistency",
+    "check_integrity",
+    "integrity",
     "verify",
+    "verify_report",
     "write_manifest",
 ]
 
@@ -237,6 +239,17 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             ]
         },
         "export_config": {"type": "object", "description": "what identifies this export (compared on re-runs)"},
+        "integrity": {
+            "type": "object",
+            "description": "content hash of every other field, written with the manifest; tokprune-inspect --verify "
+                           "names the fields that changed since",
+            "required": ["algorithm", "hash", "fields"],
+            "properties": {
+                "algorithm": {"const": "sha256"},
+                "hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "fields": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
     },
 }
 
@@ -257,22 +270,115 @@ def file_entry(directory: str | Path, relpath: str) -> dict[str, Any]:
 
 
 def write_manifest(directory: str | Path, data: Mapping[str, Any]) -> Path:
-    """Write ``manifest.json`` atomically (temporary file + ``os.replace``)."""
-    directory = Path(directory)
-    target = directory / MANIFEST_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, allow_nan=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    """Write ``manifest.json`` atomically (temporary file + fsync + ``os.replace``), with its
+    ``integrity`` block (:func:`integrity`) computed over every other field."""
+    from tokprune.fsutil import atomic_write_text
+
+    body = {k: v for k, v in data.items() if k != INTEGRITY_KEY}
+    payload = {**body, INTEGRITY_KEY: integrity(body)}
+    return atomic_write_text(Path(directory) / MANIFEST_FILE, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+
+
+# ---- integrity: which recorded fields changed since export ----------------------------------------
+INTEGRITY_KEY = "integrity"
+
+
+def _digest(value: Any) -> str:
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _field_digests(data: Mapping[str, Any]) -> dict[str, str]:
+    """Per field (``model.fingerprint``, ``steps``, ``buckets[k0064-t0080]``, ...) a short sha256."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        if key == INTEGRITY_KEY:
+            continue
+        if key == "buckets" and isinstance(value, list):
+            for i, b in enumerate(value):
+                name = b.get("key", i) if isinstance(b, Mapping) else i
+                out[f"buckets[{name}]"] = _digest(b)[:16]
+        elif isinstance(value, Mapping) and value:
+            for sub, v in value.items():
+                out[f"{key}.{sub}"] = _digest(v)[:16]
+        else:
+            out[key] = _digest(value)[:16]
+    return out
+
+
+def integrity(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"algorithm": "sha256", "hash": ..., "fields": {...}}`` over everything but ``integrity``:
+    model fingerprint, geometry, steps, buckets, files, schedule, engines, ... ."""
+    body = {k: v for k, v in data.items() if k != INTEGRITY_KEY}
+    return {"algorithm": "sha256", "hash": _digest(body), "fields": _field_digests(body)}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_integrity(data: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(problems, notes): the fields edited, added or removed since the manifest was written."""
+    recorded = data.get(INTEGRITY_KEY)
+    if recorded is None:
+        return [], ["the manifest has no content hash (written by an older tokprune): its fields are not checked, "
+                    "its files are; re-export to add one"]
+    if not isinstance(recorded, Mapping) or not isinstance(recorded.get("fields"), Mapping):
+        return ["manifest: its integrity block is damaged; re-export with tokprune-export ... --force"], []
+    body = {k: v for k, v in data.items() if k != INTEGRITY_KEY}
+    if _digest(body) == recorded.get("hash"):
+        return [], []
+    then, now = dict(recorded["fields"]), _field_digests(body)
+    problems = []
+    for name in sorted(set(then) | set(now)):
+        if name not in now:
+            if name.startswith("buckets["):
+                problems.append(f"manifest: bucket {name[8:-1]} was removed from the manifest after export")
+            else:
+                problems.append(f"manifest: field {name} was removed after export")
+        elif name not in then:
+            problems.append(f"manifest: field {name} was added after export")
+        elif then[name] != now[name] and name.startswith("buckets["):
+            problems.append(f"manifest: bucket {name[8:-1]}'s entry was edited after export")
+        elif then[name] != now[name]:
+            problems.append(f"manifest: field {name} was edited after export (now {_short(_lookup(body, name))})")
+    return problems or ["manifest: its content hash does not match (edited after export)"], []
+
+
+def _lookup(body: Mapping[str, Any], name: str) -> Any:
+    top, _, sub = name.partition(".")
+    value = body.get(top)
+    return value.get(sub) if sub and isinstance(value, Mapping) else value
+
+
+def check_consistency(data: Mapping[str, Any]) -> list[str]:
+    """Cross-field checks that hold for every export (old manifests without a hash too)."""
+    problems = []
+    keys = [b.get("key") for b in data.get("buckets", []) if isinstance(b, Mapping)]
+    steps, plan = data.get("steps"), data.get("step_buckets", [])
+    if isinstance(plan, list) and steps != len(plan):
+        problems.append(f"manifest: steps is {steps!r} but step_buckets lists {len(plan)} steps")
+    missing = sorted({k for k in plan if k is not None and k not in keys}) if isinstance(plan, list) else []
+    for key in missing:
+        where = [i for i, k in enumerate(plan) if k == key]
+        problems.append(f"manifest: bucket {key} (run at steps {where}) is missing from the manifest's buckets")
+    embedded = data.get("schedule", {}).get("embedded", {}) if isinstance(data.get("schedule"), Mapping) else {}
+    for field in ("height", "width", "steps", "guidance", "budget"):
+        if field in embedded and field in data and embedded[field] != data[field]:
+            problems.append(f"manifest: {field} is {data[field]!r} but its embedded schedule says {embedded[field]!r}")
+    fp = data.get("model", {}).get("fingerprint") if isinstance(data.get("model"), Mapping) else None
+    if embedded.get("model_fingerprint") not in (None, fp):
+        problems.append(f"manifest: model.fingerprint is {fp!r} but its embedded schedule was calibrated for "
+                        f"{embedded['model_fingerprint']!r}")
+    config = data.get("transformer_config")
+    if isinstance(config, Mapping) and fp:
+        from tokprune.models import fingerprint
+
+        got = fingerprint(dict(config))
+        if got != fp:
+            problems.append(f"manifest: model.fingerprint is {fp!r} but its transformer_config has fingerprint {got!r}")
+    return problems
 
 
 def utc_now() -> str:
@@ -395,19 +501,36 @@ def _partial_sibling(directory: Path) -> Path:
 
 
 def verify(directory: str | Path) -> list[str]:
-    """Re-hash every file the manifest lists; one line per problem (missing, size or sha256 mismatch).
+    """Check the manifest itself and re-hash every file it lists; one line per problem.
 
-    An empty list means the directory is exactly what was exported (and built). Also reports
-    files in the directory the manifest does not know, and a manifest that does not load.
+    Reports manifest fields edited, added or removed since export (:func:`check_integrity`),
+    inconsistent fields (:func:`check_consistency`), files missing or whose size or sha256
+    differ, a bucket removed from the manifest (its file still here), files the manifest does not
+    know, and a manifest that does not load. An empty list: exactly what was exported (and built).
     """
+    return verify_report(directory)[0]
+
+
+def verify_report(directory: str | Path) -> tuple[list[str], list[str]]:
+    """``(problems, notes)`` of :func:`verify`; notes are not failures (e.g. an old manifest without a hash)."""
     directory = Path(directory)
     try:
         manifest = load_manifest(directory)
     except ManifestError as exc:
-        return [str(exc)]
-    problems = []
+        return [str(exc)], []
+    problems, notes = check_integrity(manifest.data)
+    try:
+        problems += check_consistency(manifest.data)
+    except Exception as exc:  # noqa: BLE001 - a hand-edited manifest may have any shape
+        problems.append(f"manifest: fields have unexpected types ({type(exc).__name__}: {exc})")
+    removed = {p.split()[2] for p in problems if p.startswith("manifest: bucket ") and "removed" in p}
+    removed |= {p.split()[2] for p in problems if p.startswith("manifest: bucket ") and "missing from" in p}
     known = {MANIFEST_FILE}
-    for entry in manifest.files():
+    try:
+        entries = manifest.files()
+    except (KeyError, TypeError, AttributeError) as exc:
+        return problems + [f"manifest: its file list is damaged ({type(exc).__name__}: {exc}); re-export it"], notes
+    for entry in entries:
         rel = entry["path"]
         known.add(rel)
         p = directory / rel
@@ -424,5 +547,8 @@ def verify(directory: str | Path) -> list[str]:
     for p in sorted(directory.rglob("*")):
         rel = p.relative_to(directory).as_posix()
         if p.is_file() and rel not in known and not p.name.startswith("."):
+            bucket = p.name.split(".")[0]
+            if bucket in removed:
+                continue  # already reported as a bucket removed from the manifest
             problems.append(f"unexpected file: {rel}")
-    return problems
+    return problems, notes

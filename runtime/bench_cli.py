@@ -18,7 +18,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tokprune.errors import ConfigError, TokpruneError
+from tokprune.console import EXIT_FAILURE, add_common, run_cli
+from tokprune.errors import ConfigError
+from tokprune.fsutil import atomic_output, atomic_write_text, check_output_dir, check_output_file, read_text_input
 
 logger = logging.getLogger("tokprune.runtime")
 
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     main.add_argument("--json", type=Path, help="write the results as JSON here")
     main.add_argument("--plot", type=Path, help="write a PNG of speedup and fidelity per backend here")
     main.add_argument("--markdown", type=Path, help="also write the markdown tables here")
+    main.add_argument("--require-acceptance", action="store_true",
+                      help="exit 1 unless the acceptance line passes (ONNX Runtime pruned >= 1.8x eager dense and "
+                           "every bucket within its MAC prediction); without it the line is informational")
     tinker = p.add_argument_group("to tinker with")
     tinker.add_argument("--warmup", type=int, default=1, help="unmeasured generations per prompt and arm first (default 1)")
     tinker.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default 0)")
@@ -58,31 +63,48 @@ def build_parser() -> argparse.ArgumentParser:
     tinker.add_argument("--make-model", type=Path, metavar="DIR",
                         help="write a random-weight SD3-architecture bench model to DIR (usable as --model DIR) and exit")
     tinker.add_argument("--size", default="medium", help="size for --make-model: medium (6x384, N=1024) or large")
-    tinker.add_argument("--quiet", action="store_true", help="no progress bar")
-    tinker.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+    return add_common(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``tokprune-bench``; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
+    """Entry point of ``tokprune-bench``; returns the exit status (0 ok, 1 failure or failed
+    ``--require-acceptance``, 2 bad input, 130 interrupted)."""
     argv_list = list(sys.argv[1:] if argv is None else argv)
     command = f"{PROG} " + " ".join(shlex.quote(a) for a in argv_list)
-    try:
-        return _run(args, command)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except TokpruneError as exc:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+    return run_cli(build_parser(), argv, lambda args: _run(args, command))
+
+
+def acceptance_failures(acceptance: dict) -> list[str]:
+    """What the acceptance line misses (empty: it passes)."""
+    if "ort_pruned_speedup" not in acceptance:
+        return [f"acceptance {acceptance.get('status', 'not measured')}; include onnxruntime in --backends"]
+    fails = []
+    if not acceptance.get("ort_pruned_speedup_ok"):
+        fails.append(f"ONNX Runtime pruned speedup {acceptance['ort_pruned_speedup']:.2f}x < "
+                     f"{acceptance.get('ort_pruned_speedup_min', 1.8)}x")
+    if not acceptance.get("buckets_within_tolerance", True):
+        fails.append(f"a bucket call is off its MAC prediction by more than {acceptance.get('bucket_mac_tolerance_pct', 0):.0f}%")
+    return fails
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Everything checkable before the model loads, in flag words."""
+    for flag, value, low in (("--runs", args.runs, 1), ("--warmup", args.warmup, 0)):
+        if value < low:
+            raise ConfigError(f"{flag} {value}; expected an int >= {low}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}; expected an int >= 1")
+    if args.json is not None:
+        check_output_file(args.json, flag="--json", extensions=(".json",))
+    if args.plot is not None:
+        check_output_file(args.plot, flag="--plot", extensions=(".png",))
+    if args.markdown is not None:
+        check_output_file(args.markdown, flag="--markdown", extensions=(".md", ".markdown", ".txt"))
 
 
 def _run(args: argparse.Namespace, command: str) -> int:
     if args.make_model is not None:
+        check_output_dir(args.make_model, flag="--make-model")
         from tokprune.runtime.bench_models import save_bench_model
 
         path = save_bench_model(args.make_model, args.size)
@@ -90,15 +112,13 @@ def _run(args: argparse.Namespace, command: str) -> int:
         return 0
     if args.engines is None:
         raise ConfigError("--engines DIR is required (an export directory from tokprune-export)")
+    _check_args(args)
     from tokprune.runtime.bench import DEFAULT_PROMPTS, BenchConfig, run_bench
     from tokprune.runtime.bench_report import markdown, plot
 
     prompts = DEFAULT_PROMPTS
     if args.prompts is not None:
-        try:
-            prompts = tuple(line.strip() for line in args.prompts.read_text().splitlines() if line.strip())
-        except OSError as exc:
-            raise ConfigError(f"--prompts {args.prompts}: cannot read it ({exc})") from None
+        prompts = tuple(read_text_input(args.prompts, flag="--prompts", what="prompt"))
     cfg = BenchConfig(
         engines=args.engines,
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
@@ -113,14 +133,23 @@ def _run(args: argparse.Namespace, command: str) -> int:
     result = run_bench(cfg, command=command)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
+        atomic_write_text(args.json, json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
     if args.plot is not None:
-        plot(result, args.plot)
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(args.plot) as tmp:
+            plot(result, tmp)
     text = markdown(result)
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(f"Command: `{command}`\n\n{text}\n")
+        atomic_write_text(args.markdown, f"Command: `{command}`\n\n{text}\n")
     print(text)
+    fails = acceptance_failures(result.acceptance)
+    if fails and args.require_acceptance:
+        logger.error("acceptance failed (--require-acceptance): %s", "; ".join(fails))
+        return EXIT_FAILURE
+    if fails:
+        logger.info("note: acceptance not met (%s); informational only, --require-acceptance makes it exit 1",
+                    "; ".join(fails))
     return 0
 
 

@@ -62,14 +62,16 @@ def verify_export(
 
     directory = Path(directory)
     manifest = load_manifest(directory)
-    if check_files:
+    manifest.bucket_specs()  # raises ManifestError if an I/O table differs from this tokprune's
+    if check_files:  # the manifest's own fields (content hash, consistency), then every file's sha256
         problems = [p for p in verify(directory) if not p.startswith("unexpected file")]
         if problems:
+            what = "the manifest was edited" if all(p.startswith("manifest:") for p in problems) else (
+                "the files were modified or damaged")
             raise ManifestError(
                 f"{directory} does not match its manifest: " + "; ".join(problems)
-                + f". The files were modified or damaged; rebuild with: {rebuild_command(manifest)}"
+                + f". {what[0].upper() + what[1:]}; rebuild with: {rebuild_command(manifest)}"
             )
-    manifest.bucket_specs()  # raises ManifestError if an I/O table differs from this tokprune's
     for note in version_notes(manifest, backend):
         logger.warning("%s: %s", directory, note)
     if backend is RuntimeBackend.TENSORRT:

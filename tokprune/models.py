@@ -57,6 +57,20 @@ if TYPE_CHECKING:  # heavy: imported inside the functions that need them
 
 logger = logging.getLogger(__name__)
 
+
+class _EmptyFp32ListFilter(logging.Filter):
+    """Drops diffusers' "modules ... should be kept in float32: []" notice: our ``.to(dtype)`` on a
+    model with no such modules (an empty list) is exactly what it recommends."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            return "should be kept in float32: []" not in record.getMessage()
+        except Exception:  # noqa: BLE001
+            return True
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32ListFilter())
+
 __all__ = [
     "MODEL_ALIASES",
     "ModelSource",

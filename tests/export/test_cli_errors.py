@@ -22,7 +22,7 @@ def test_offline_hub_id(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     rc = main(["--model", "someone/sd3-finetune", "--budget", "0.5", "--out", str(tmp_path / "x"), "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 1 and "offline" in err and "someone/sd3-finetune" in err
+    assert rc == 2 and "offline" in err and "someone/sd3-finetune" in err  # a model that cannot be had: bad input
     assert not (tmp_path / "x").exists()
 
 

@@ -59,9 +59,13 @@ def test_force_replaces_an_existing_export_and_a_stale_partial_one(export_dense,
     (partial / "junk.onnx").write_bytes(b"stale")
     rc, _ = run_export(out, "--budget", "1.0", "--precision", "fp16")
     assert rc == 2 and "different configuration" in capsys.readouterr().err
+    rc, _ = run_export(out, "--budget", "1.0", "--precision", "fp16", "--force")  # a file the export did not write
+    assert rc == 2 and "did not write (notes.txt)" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "old"  # --force never deletes what tokprune did not create
+    (out / "notes.txt").unlink()  # the user moved it away
     rc, _ = run_export(out, "--budget", "1.0", "--precision", "fp16", "--force")
     assert rc == 0, capsys.readouterr().err
     m = load_manifest(out)
     assert m.data["precision"] == "fp16" and verify(out) == []
-    assert not (out / "notes.txt").exists() and not (out / "junk.onnx").exists() and not partial.exists()
+    assert not (out / "junk.onnx").exists() and not partial.exists()
     assert m.bucket(m.keys[0])["equivalence"]["status"] == "passed"
