@@ -75,7 +75,7 @@ class ImageGenerator:
 
     Args that matter: ``engine_dir``; ``slots`` (concurrent pipeline runs in this process).
     Args to tinker with: ``backend`` / ``device`` / ``threads`` (passed to :func:`tokprune.runtime.load`),
-    ``max_prompt_chars``.
+    ``max_prompt_chars``, ``engines`` (a runtime already loaded from ``engine_dir``: used instead of loading).
     """
 
     def __init__(
@@ -87,6 +87,7 @@ class ImageGenerator:
         device: str | None = None,
         threads: int | None = None,
         max_prompt_chars: int = 2000,
+        engines: Any = None,
     ) -> None:
         import torch
 
@@ -95,7 +96,9 @@ class ImageGenerator:
 
         t0 = time.perf_counter()
         self.directory = Path(engine_dir)
-        self._rt = runtime.load(self.directory, backend=backend, device=device, threads=threads)
+        # engines: an already loaded runtime (e.g. the Triton BLS model's, whose runners call Triton models)
+        self._rt = engines if engines is not None else runtime.load(self.directory, backend=backend, device=device,
+                                                                     threads=threads)
         self.manifest = self._rt.manifest
         self.limits = Limits.from_manifest(self.manifest, max_prompt_chars=max_prompt_chars)
         self._base = load_components(self.manifest, device=self._rt.device, dtype=self._rt.dtype, with_transformer=False)
