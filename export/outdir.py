@@ -83,27 +83,27 @@ def user_files(out: Path) -> list[str]:
     return extra
 
 
-def check_replaceable(out: Path, *, force: bool) -> str:
+def check_replaceable(out: Path, *, force: bool, flag: str = "--out") -> str:
     """What ``out`` is: ``"absent"``, ``"empty"`` or ``"export"``. Raises :class:`ConfigError` for
     anything this export must not replace (a file, a non-export directory, user files in an export)."""
     if not out.exists():
         return "absent"
     if not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; choose a directory path")
+        raise ConfigError(f"{flag} {out} is a file; choose a directory path")
     if not any(out.iterdir()):
         return "empty"
     if not is_export(out):
         raise ConfigError(
-            f"--out {out} exists and is not a tokprune export ({describe_dir(out)}); tokprune never replaces it, "
-            f"--force or not: choose another --out (a new or empty directory)"
+            f"{flag} {out} exists and is not a tokprune export ({describe_dir(out)}); tokprune never replaces it, "
+            f"--force or not: choose another {flag} (a new or empty directory)"
         )
     if force:
         extra = user_files(out)
         if extra:
             shown = ", ".join(extra[:4]) + (", ..." if len(extra) > 4 else "")
             raise ConfigError(
-                f"--out {out} is a tokprune export but also holds {len(extra)} file(s) it did not write ({shown}); "
-                f"--force would delete them: move them away or choose another --out"
+                f"{flag} {out} is a tokprune export but also holds {len(extra)} file(s) it did not write ({shown}); "
+                f"--force would delete them: move them away or choose another {flag}"
             )
     return "export"
 

@@ -246,7 +246,7 @@ def _precheck(args: argparse.Namespace) -> None:
     if args.engines is not None:
         engines = resolve_out(args.engines)
         check_output_dir(engines, flag="--engines")
-        check_replaceable(engines, force=True)  # a non-export directory is refused outright, --force or not
+        check_replaceable(engines, force=True, flag="--engines")  # a non-export directory: refused, --force or not
 
 
 def _made_by_demo(out: Path, command: str) -> bool:
