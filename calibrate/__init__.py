@@ -1,9 +1,12 @@
 """tokprune.calibrate: per-step keep schedules under a MAC budget, frozen into static-shape buckets.
 
-- :func:`calibrate` (``pipe, budget, steps, ...) -> Schedule``): profile, optimise, freeze.
+- :func:`calibrate` (``pipe, budget, steps, ...) -> Schedule``): measured whole-run search, held-out
+  validation, frozen into buckets.
 - :class:`Schedule` / :class:`Bucket`: the frozen result; ``save`` / ``Schedule.load`` / ``to_plan``.
-- :mod:`~tokprune.calibrate.profile`: per-step error measurements; :mod:`~tokprune.calibrate.optimize`:
-  budget -> allocation -> buckets, and the CAT reference schedule.
+- :mod:`~tokprune.calibrate.rollout`: whole sampling runs of a plan vs dense (shared prefixes);
+  :mod:`~tokprune.calibrate.search`: schedule structures solved to the budget, seeds and measured moves;
+  :mod:`~tokprune.calibrate.baselines`: CAT, RAS-style and dense/reuse schedules at a budget;
+  :mod:`~tokprune.calibrate.checkpoint`: measurements on disk so calibration resumes.
 
 Example::
 
@@ -29,7 +32,7 @@ def __getattr__(name: str) -> Any:  # lazy: keep `import tokprune.calibrate` lig
 
         return calibrate
     if name == "cat_schedule":
-        from tokprune.calibrate.optimize import cat_schedule
+        from tokprune.calibrate.baselines import cat_schedule
 
         return cat_schedule
     raise AttributeError(f"module 'tokprune.calibrate' has no attribute {name!r}")

@@ -1,4 +1,15 @@
-"""``calibrate(pipe, budget=..., steps=...) -> Schedule``: profile, optimise, freeze.
+"""``calibrate(pipe, budget=..., steps=...) -> Schedule``: search on measured whole runs, validate, freeze.
+
+Calibration runs the model on a few prompts, measures complete sampling runs of candidate
+schedules against the dense run (final latents), searches the schedule structure that loses the
+least at the budget (:mod:`tokprune.calibrate.search`), validates the pick on held-out prompts and
+freezes it into static-shape buckets. Measurements are checkpointed (``checkpoint_dir``): an
+interrupted calibration resumes where it stopped.
+
+Cost model (what one calibration runs), in transformer calls of P prompts (2P rows with CFG):
+one dense run (``steps`` calls), plus each measured candidate's steps after its longest prefix
+already run (a dense warm-up is paid once), plus the held-out check (a dense and a pruned run of
+the held-out prompts). ``Schedule.stats["cost"]`` records the executed calls.
 
 Example::
 
@@ -6,31 +17,31 @@ Example::
     from tokprune.calibrate import calibrate
 
     pipe = load_pipeline("sd3-tiny")
-    sched = calibrate(pipe, budget=0.5, steps=28, num_prompts=16, model="sd3-tiny")
+    sched = calibrate(pipe, budget=0.5, steps=28, model="sd3-tiny")
     sched.save("schedule.json")
     sched.mac_fraction   # within 0.02 of 0.5
 """
 
 from __future__ import annotations
 
-import dataclasses
-
+import contextlib
 import logging
+import os
+import time
 from typing import Any, Sequence
 
-from tokprune.calibrate.optimize import TOLERANCE, cat_schedule, estimate_error, optimize_schedule
-from tokprune.calibrate.profile import ErrorProfile, derive_align, load_prompts, pick_prompts, profile_pipeline
+from tokprune.calibrate.baselines import TOLERANCE, derive_align
+from tokprune.calibrate.prompts import load_prompts, split_prompts
 from tokprune.calibrate.schedule import REUSE, Bucket, Schedule
+from tokprune.calibrate.search import describe, search
 from tokprune.errors import ConfigError, ShapeError
 from tokprune.pruning.geometry import REUSE_MODES, Geometry
-from tokprune.pruning.macs import dense_macs, step_macs
+from tokprune.pruning.macs import dense_macs, mac_fraction, step_macs
+from tokprune.pruning.plan import ALL, PrunePlan
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["calibrate", "check_inputs"]
-
-
-NO_REUSE_ERROR = 1e9  # error charged for a reuse step when allow_reuse=False
 
 
 def check_inputs(
@@ -104,41 +115,47 @@ def calibrate(
     guidance: float | None = None,
     max_buckets: int = 4,
     policy: str = "cat",
-    num_prompts: int | None = 16,
+    num_prompts: int | None = 4,
+    holdout_prompts: int = 2,
     seed: int = 0,
     batch_size: int = 4,
     max_sequence_length: int | None = None,
     prune_text: bool = True,
     reuse: str = "noise",
     model: str | None = None,
-    profile: ErrorProfile | None = None,
     allow_reuse: bool = True,
+    max_rollouts: int = 24,
+    checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Schedule:
     """Calibrate a keep schedule for ``pipe`` under a MAC ``budget`` and freeze it into buckets.
 
     Args that matter:
         pipe: a ``StableDiffusion3Pipeline`` (e.g. ``tokprune.models.load_pipeline("sd3-tiny")``); its
-            scheduler is used as configured.
-        budget: fraction of a dense run's transformer MACs, in (0, 1]; 1.0 gives the all-dense schedule.
+            scheduler is used as configured. It is not modified.
+        budget: fraction of a dense run's transformer MACs, in (0, 1], counting everything that runs
+            (the text-importance probe included); 1.0 gives the all-dense schedule.
         steps, height, width, guidance, max_sequence_length: exactly as the pipeline will be called later
             (None: the model's call defaults from ``tokprune.models.call_defaults``, else the pipeline's
             default size, guidance 7.0, T5 length 256).
         max_buckets: static shapes allowed, the dense one included (recommended 3-4).
+        checkpoint_dir: where measured runs are checkpointed; a re-run with the same directory reuses them
+            and yields the same schedule (None: nothing is written).
     Args to tinker with:
-        prompts: calibration prompts (default: the ~80 shipped ones); ``num_prompts`` picks that many,
-            evenly spread (16 is a good speed/robustness trade-off; None = all).
+        prompts: calibration prompts (default: the ~80 shipped ones); ``num_prompts`` of them, evenly spread,
+            are measured and ``holdout_prompts`` others validate the pick.
+        max_rollouts: measured candidate schedules at most (seeds included; 24 is plenty for the search space).
         policy: selection policy the runtime will use (``"cat"``, ``"dynamics"``, ``"random"``).
-        prune_text: let the optimizer prune text tokens too.
-        allow_reuse: let the optimizer replace whole steps by the previous step's prediction (K = 0, no
-            transformer call). False = token pruning only.
-        profile: a profile from :func:`~tokprune.calibrate.profile.profile_pipeline` to re-optimise for a
-            new budget / bucket limit without re-running the model.
+        prune_text: let the search prune text tokens too. allow_reuse: let it skip whole steps (K = 0).
+        batch_size: prompts per transformer call while measuring (each call carries 2x that under CFG).
         model: the source string recorded in the schedule (what ``--model`` was).
 
     Returns a :class:`Schedule` with ``mac_fraction`` within 0.02 of ``budget`` and at most
-    ``max_buckets`` buckets. Raises :class:`~tokprune.errors.ConfigError` / ``ShapeError`` for bad inputs.
+    ``max_buckets`` buckets; ``stats`` records the candidates, the predicted (calibration prompts) and
+    measured (held-out prompts) error and the cost. Raises :class:`~tokprune.errors.ConfigError` /
+    ``ShapeError`` for bad inputs, before any model call.
     """
+    from tokprune.calibrate.checkpoint import RolloutStore
     from tokprune.models import call_defaults, fingerprint
 
     model_defaults = call_defaults(pipe)
@@ -148,16 +165,13 @@ def calibrate(
     if max_sequence_length is None:
         max_sequence_length = int(model_defaults.get("max_sequence_length", 256))
     height, width, geometry = check_inputs(
-        pipe,
-        budget=budget,
-        steps=steps,
-        height=height,
-        width=width,
-        max_buckets=max_buckets,
-        policy=policy,
-        max_sequence_length=max_sequence_length,
-        reuse=reuse,
+        pipe, budget=budget, steps=steps, height=height, width=width, max_buckets=max_buckets, policy=policy,
+        max_sequence_length=max_sequence_length, reuse=reuse,
     )
+    if isinstance(max_rollouts, bool) or not isinstance(max_rollouts, int) or max_rollouts < 1:
+        raise ConfigError(f"--max-rollouts {max_rollouts!r}; expected an int >= 1")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size!r}; expected an int >= 1")
     budget = float(budget)
     cfg = guidance > 1.0
     geometry = geometry.with_batch(2 if cfg else 1)  # one prompt per call; ratios do not depend on batch
@@ -165,78 +179,166 @@ def calibrate(
     all_prompts = load_prompts() if prompts is None else [p.strip() for p in prompts if p and p.strip()]
     if not all_prompts:
         raise ConfigError("no calibration prompts given (all empty); pass --prompts FILE with one prompt per line")
-    chosen = pick_prompts(all_prompts, num_prompts)
-    if profile is not None and (
-        profile.steps != steps
-        or profile.num_tokens != geometry.num_tokens
-        or profile.text_tokens != geometry.text_tokens
-    ):
-        raise ConfigError(
-            f"the given profile has {profile.steps} steps, N={profile.num_tokens}, T={profile.text_tokens}; "
-            f"this call needs {steps} steps, N={geometry.num_tokens}, T={geometry.text_tokens}"
-        )
+    calib, held = split_prompts(all_prompts, num_prompts, holdout_prompts)
     align = derive_align(geometry.num_tokens)
     stats: dict[str, Any] = {
-        "method": "dp-knapsack+bucket-fit+rebalance",
+        "method": "measured-rollout-search",
+        "objective": "mean relative L2 error of the final latent vs the dense run, whole sampling runs",
         "tolerance": TOLERANCE,
         "calibration": {
-            "prompt_source": source,
-            "num_prompts": len(chosen),
-            "seed": seed,
-            "batch_size": batch_size,
-            "max_sequence_length": max_sequence_length,
-            "prune_text": bool(prune_text),
+            "prompt_source": source, "num_prompts": len(calib), "holdout_prompts": len(held), "seed": seed,
+            "batch_size": batch_size, "max_sequence_length": max_sequence_length, "prune_text": bool(prune_text),
+            "allow_reuse": bool(allow_reuse), "max_rollouts": max_rollouts,
         },
     }
     if budget >= 1.0:
-        logger.info("budget 1.0: all-dense schedule, no profiling needed")
-        image_keep = (geometry.num_tokens,) * steps
-        text_keep = (geometry.text_tokens,) * steps
-        fraction, error, warmup = 1.0, 0.0, steps
+        logger.info("budget 1.0: all-dense schedule, nothing to measure")
+        plan = PrunePlan.dense(steps)
     else:
-        if profile is None:
-            profile = profile_pipeline(
-                pipe,
-                chosen,
-                steps=steps,
-                guidance=guidance,
-                height=height,
-                width=width,
-                policy=policy,
-                seed=seed,
-                batch_size=batch_size,
-                max_sequence_length=max_sequence_length,
-                reuse=reuse,
-                prune_text=prune_text,
-                progress=progress,
-            )
-        if not allow_reuse:  # make reuse steps unaffordable for the optimizer; the recorded stats stay honest
-            profile_for_opt = dataclasses.replace(profile, reuse_error=tuple(NO_REUSE_ERROR for _ in profile.reuse_error))
-        else:
-            profile_for_opt = profile
-        alloc = optimize_schedule(
-            geometry, profile_for_opt, budget, max_buckets=max_buckets, align=align, reuse=reuse, prune_text=prune_text
-        )
-        image_keep, text_keep = alloc.image_keep, alloc.text_keep
-        fraction, error, warmup = alloc.mac_fraction, alloc.error, alloc.warmup
-        cat = cat_schedule(geometry, steps, budget, reuse=reuse)
-        from tokprune.pruning.macs import mac_fraction
-
-        stats["profile"] = profile.to_stats()
-        stats["cat_reference"] = {
-            "image_keep": [cat.image_k(s, geometry.num_tokens) for s in range(steps)],
-            "mac_fraction": mac_fraction(geometry, cat, reuse),
-            "estimated_error": estimate_error(profile, cat),
+        identity = {
+            "fingerprint": fingerprint(pipe.transformer), "steps": steps, "guidance": guidance, "height": height,
+            "width": width, "max_sequence_length": max_sequence_length, "seed": seed, "reuse": reuse,
+            "batch_size": batch_size, "scheduler": dict(pipe.scheduler.config),
         }
-    stats["warmup"] = warmup
-    stats["estimated_error"] = error
+        store = RolloutStore(checkpoint_dir, identity)
+        meter = _Meter(pipe, store, steps=steps, guidance=guidance, height=height, width=width,
+                       max_sequence_length=max_sequence_length, seed=seed, reuse=reuse, policy=policy,
+                       batch_size=batch_size)
+        t0 = time.perf_counter()
+        with meter.progress(progress, estimate=_estimate_units(steps, budget, max_rollouts, len(calib), len(held))):
+            result = search(
+                lambda p: meter.error("calib", calib, p), geometry, steps, budget, align=align,
+                max_buckets=max_buckets, reuse=reuse, allow_reuse=allow_reuse, prune_text=prune_text,
+                max_rollouts=max_rollouts,
+            )
+            plan = result.best.plan
+            holdout = meter.validate(held, plan) if held else None
+        stats["search"] = result.to_stats()
+        stats["predicted_error"] = result.best.error
+        stats["estimated_error"] = result.best.error  # measured on the calibration prompts
+        cat = min((c for c in result.candidates if c.origin.startswith("seed:cat-t0=")), key=lambda c: c.error, default=None)
+        if cat is not None:  # CAT's fixed schedule at the same budget, the best of its warm-ups, measured
+            stats["cat_reference"] = {
+                "origin": cat.origin, "image_keep": [cat.plan.image_k(s, geometry.num_tokens) for s in range(steps)],
+                "mac_fraction": cat.mac_fraction, "error": cat.error,
+            }
+        stats["holdout"] = holdout
+        # Deterministic (a resumed run writes the same file): what was measured, not how long it took.
+        stats["cost"] = {"measured_runs": result.rollouts, "holdout_runs": 1 if held else 0,
+                         "prompts_per_call": min(batch_size, len(calib))}
+        logger.info(
+            "calibration cost: %d transformer calls (%.1f dense prompt-steps) in %.1f s; %d measured runs reused "
+            "from the checkpoint", meter.calls, meter.units, time.perf_counter() - t0, store.reused,
+        )
+        if store.reused:
+            logger.info("calibration resumed: %d measured runs reused from %s", store.reused, checkpoint_dir)
+        logger.info("calibration picked %s: %s (error %.4g on calibration prompts%s)", result.best.structure.key,
+                    describe(plan), result.best.error,
+                    "" if holdout is None else f", {holdout['error']:.4g} held-out, {holdout['psnr_db']:.1f} dB")
+    return _freeze(pipe, plan, geometry, stats, model=model, height=height, width=width, steps=steps,
+                   guidance=guidance, budget=budget, policy=policy, reuse=reuse, align=align)
 
-    buckets = tuple(sorted({Bucket(k, t) for k, t in zip(image_keep, text_keep) if k > 0}, reverse=True))
-    plan = tuple(REUSE if k == 0 else Bucket(k, t).key for k, t in zip(image_keep, text_keep))
+
+def _estimate_units(steps: int, budget: float, rollouts: int, calib: int, held: int) -> float:
+    """Expected transformer work in dense prompt-steps (the progress bar's total)."""
+    per_rollout = steps * budget * 0.5  # a candidate re-runs about half its budget after the shared prefix
+    return calib * (steps + rollouts * per_rollout) + held * (steps + steps * budget)
+
+
+class _Meter:
+    """Measures plans on prompt sets through :class:`~tokprune.calibrate.rollout.Rollouts` (chunks of
+    ``batch_size`` prompts), behind the checkpoint store; counts the work done."""
+
+    def __init__(self, pipe: Any, store: Any, *, batch_size: int, policy: str, **settings: Any) -> None:
+        self.pipe, self.store, self.batch_size, self.policy, self.settings = pipe, store, batch_size, policy, settings
+        self._rollouts: dict[tuple[str, int], Any] = {}
+        self.calls, self.units = 0, 0.0
+        self._bar = None
+
+    @contextlib.contextmanager
+    def progress(self, enabled: bool, *, estimate: float):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=round(estimate, 1), desc="calibrating", unit="step", disable=not enabled,
+                         bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} prompt-steps [{elapsed}<{remaining}]")
+        try:
+            yield
+        finally:
+            self._bar.total = max(self._bar.n, 1)
+            self._bar.refresh()
+            self._bar.close()
+            self._bar = None
+
+    def _chunks(self, group: str, prompts: Sequence[str]) -> list[Any]:
+        from tokprune.calibrate.rollout import Rollouts
+
+        out = []
+        for i in range(0, len(prompts), self.batch_size):
+            key = (group, i)
+            if key not in self._rollouts:
+                part = list(prompts[i : i + self.batch_size])
+
+                def tick(units: float, n: int = len(part)) -> None:
+                    self.calls += 1
+                    self.units += units * n
+                    if self._bar is not None:
+                        self._bar.update(units * n)
+
+                self._rollouts[key] = Rollouts(self.pipe, part, policy=self.policy, on_step=tick, **self.settings)
+            out.append(self._rollouts[key])
+        return out
+
+    def errors(self, group: str, prompts: Sequence[str], plan: PrunePlan) -> list[float]:
+        cached = self.store.get(group, plan, self.policy)
+        if cached is not None:
+            return cached
+        errs: list[float] = []
+        for ro in self._chunks(group, prompts):
+            errs += ro.errors(plan).tolist()
+        self.store.put(group, plan, self.policy, errs)
+        return errs
+
+    def error(self, group: str, prompts: Sequence[str], plan: PrunePlan) -> float:
+        errs = self.errors(group, prompts, plan)
+        return float(sum(errs) / len(errs))
+
+    def validate(self, prompts: Sequence[str], plan: PrunePlan) -> dict[str, Any]:
+        """Held-out check: latent error and decoded-image PSNR of ``plan`` vs dense on unseen prompts."""
+        import numpy as np
+
+        group = "holdout"
+        errs = self.errors(group, prompts, plan)
+        cached = self.store.get(group + "-psnr", plan, self.policy)
+        if cached is None:
+            cached = []
+            for ro in self._chunks(group, prompts):
+                a, b = ro.decode(ro.run(plan)), ro.decode(ro.dense())
+                mse = ((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2).reshape(len(a), -1).mean(1)
+                cached += [float(10 * np.log10(1.0 / max(m, 1e-20))) for m in mse]
+            self.store.put(group + "-psnr", plan, self.policy, cached)
+        return {"num_prompts": len(errs), "error": float(sum(errs) / len(errs)),
+                "psnr_db": float(sum(cached) / len(cached)), "per_prompt_error": errs}
+
+
+def _freeze(
+    pipe: Any, plan: PrunePlan, geometry: Geometry, stats: dict[str, Any], *, model: str | None, height: int,
+    width: int, steps: int, guidance: float, budget: float, policy: str, reuse: str, align: int,
+) -> Schedule:
+    """The :class:`Schedule` of ``plan``: its buckets, per-step plan entries and MAC accounting."""
+    from tokprune.models import fingerprint
+
+    n, t = geometry.num_tokens, geometry.text_tokens
+    keeps = [(plan.image_k(s, n), plan.text_k(s, t)) for s in range(steps)]
+    buckets = tuple(sorted({Bucket(k, tk) for k, tk in keeps if k > 0} | {Bucket(n, t)}, reverse=True))
+    entries = tuple(REUSE if k == 0 else Bucket(k, tk).key for k, tk in keeps)
+    stats["warmup"] = next((s for s in range(steps) if not plan.is_dense(s)), steps)
+    stats["plan"] = describe(plan)
+    stats["probe_steps"] = list(plan.probe_steps())
     stats["macs"] = {
         "batch": geometry.batch,
         "dense_step": dense_macs(geometry),
         "per_bucket": {b.key: step_macs(geometry, b.image_keep, b.text_keep, reuse) for b in buckets},
+        "probe_extra": step_macs(geometry, n, t, reuse, probe=True) - dense_macs(geometry),
     }
     scheduler = pipe.scheduler
     sched = Schedule(
@@ -245,27 +347,22 @@ def calibrate(
         height=height,
         width=width,
         vae_scale_factor=int(pipe.vae_scale_factor),
-        num_tokens=geometry.num_tokens,
-        text_tokens=geometry.text_tokens,
+        num_tokens=n,
+        text_tokens=t,
         steps=steps,
         scheduler=type(scheduler).__name__,
-        scheduler_config={k: v for k, v in dict(scheduler.config).items()},
+        scheduler_config={k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
         guidance=float(guidance),
         budget=budget,
-        mac_fraction=fraction,
+        mac_fraction=mac_fraction(geometry, plan, reuse),
         policy=policy,
         buckets=buckets,
-        plan=plan,
+        plan=entries,
         reuse=reuse,
         align=align,
         stats=stats,
     )
-    logger.info(
-        "schedule %s: mac_fraction %.4f (budget %.3f), warm-up %d, buckets %s",
-        sched.key,
-        fraction,
-        budget,
-        warmup,
-        [b.key for b in buckets],
-    )
+    logger.info("schedule %s: mac_fraction %.4f (budget %.3f), buckets %s", sched.key, sched.mac_fraction, budget,
+                [b.key for b in buckets])
     return sched
+

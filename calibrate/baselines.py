@@ -28,11 +28,22 @@ from tokprune.pruning.macs import mac_fraction
 from tokprune.pruning.plan import ALL, PrunePlan
 
 __all__ = [
-    "TOLERANCE", "align_up", "cat_schedule", "check_budget", "interleaved_schedule", "keep_levels", "ras_schedule",
+    "TOLERANCE", "align_up", "cat_schedule", "derive_align", "check_budget", "interleaved_schedule", "keep_levels", "ras_schedule",
     "warmup_steps",
 ]
 
 TOLERANCE = 0.02  # a schedule's MAC fraction lies within +-TOLERANCE of its budget
+
+
+def derive_align(num_tokens: int) -> int:
+    """Bucket alignment for N image tokens: the largest power of two <= 64 that divides N and
+    leaves at least 16 levels (64 at real sizes, N >= 1024; 16 for the tiny N = 256)."""
+    if num_tokens < 1:
+        raise ConfigError(f"num_tokens = {num_tokens}; expected >= 1")
+    a = 64
+    while a > 1 and (num_tokens % a or num_tokens // a < 16):
+        a //= 2
+    return a
 
 
 def align_up(k: int, align: int, cap: int) -> int:

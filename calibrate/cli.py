@@ -60,13 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="file with one prompt per line (default: the built-in calibration set)",
     )
     tinker.add_argument(
-        "--num-prompts", type=int, default=16, help="prompts to use, evenly spread over the set (default: 16; 0 = all)"
+        "--num-prompts", type=int, default=4,
+        help="calibration prompts measured, evenly spread over the set (default: 4; 0 = all)"
     )
     tinker.add_argument(
         "--policy", default="cat", help="token selection policy: cat, dynamics or random (default: cat)"
     )
     tinker.add_argument("--seed", type=int, default=0, help="seed of the latents and the policy (default: 0)")
     tinker.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call (default: 4)")
+    tinker.add_argument(
+        "--holdout-prompts", type=int, default=2,
+        help="other prompts that validate the chosen schedule (default: 2; 0 = no validation)",
+    )
+    tinker.add_argument(
+        "--max-rollouts", type=int, default=24,
+        help="candidate schedules measured at most, as whole sampling runs (default: 24)",
+    )
     tinker.add_argument(
         "--no-reuse-steps", action="store_true",
         help="token pruning only: never replace a whole step by the previous prediction",
@@ -112,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from tokprune.calibrate.api import calibrate, check_inputs
     from tokprune.calibrate.plot import plot_schedule
-    from tokprune.calibrate.profile import load_prompts
+    from tokprune.calibrate.prompts import load_prompts
     from tokprune.errors import ConfigError
     from tokprune.fsutil import check_output_dir, check_output_file, read_text_input
     from tokprune.models import load_pipeline
@@ -156,6 +165,8 @@ def _run(args: argparse.Namespace) -> int:
         num_prompts=args.num_prompts or None,
         seed=args.seed,
         batch_size=args.batch_size,
+        holdout_prompts=args.holdout_prompts,
+        max_rollouts=args.max_rollouts,
         max_sequence_length=args.max_sequence_length,
         prune_text=not args.no_text_pruning,
         reuse=args.reuse,
@@ -174,9 +185,13 @@ def _run(args: argparse.Namespace) -> int:
         f"warm-up    {sched.stats['warmup']} dense steps of {sched.steps}",
         f"buckets    {', '.join(b.key for b in sched.buckets)}",
         f"plan       {' '.join('R' if e == 'reuse' else e for e in sched.plan)}",
-        f"est. error {sched.stats['estimated_error']:.4f}"
-        + (f"  (CAT reference at {cat['mac_fraction']:.3f}: {cat['estimated_error']:.4f})" if cat else ""),
+        f"error      {sched.stats['predicted_error']:.4f} on the calibration prompts"
+        + (f"  (CAT's fixed schedule at {cat['mac_fraction']:.3f}: {cat['error']:.4f})" if cat else ""),
     ]
+    held = sched.stats.get("holdout")
+    if held:
+        lines.append(f"held-out   error {held['error']:.4f}, {held['psnr_db']:.1f} dB PSNR vs dense "
+                     f"({held['num_prompts']} prompts)")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

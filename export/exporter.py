@@ -463,7 +463,7 @@ def _schedule_step(work, state, config, source, pipe, settings, schedule_in, *, 
         schedule = schedule_in
     else:
         from tokprune.calibrate import calibrate
-        from tokprune.calibrate.profile import load_prompts
+        from tokprune.calibrate.prompts import load_prompts
 
         prompts = load_prompts(config.prompts_file) if config.prompts_file else None
         logger.info("calibrating %s for budget %g (%d steps)", source.name, settings["budget"], settings["steps"])

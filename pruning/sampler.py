@@ -133,7 +133,7 @@ class TokenPruner:
         self.config = config if config is not None else transformer.config  # the SD3 config shapes come from
         self.state: RunState | None = None
         self.calls = 0  # transformer calls actually executed (K > 0), for tests and benchmarks
-        self._probe_steps = frozenset(plan.probe_steps())
+        self.probe_steps = frozenset(plan.probe_steps())  # dense steps that also measure text importance
 
     # ---- run bookkeeping --------------------------------------------------------------
     def reset(self) -> None:
@@ -276,7 +276,7 @@ class TokenPruner:
                 timestep=timestep,
                 img_idx=idx,
                 txt_idx=txt_idx,
-                record_text=step in self._probe_steps,  # only the dense step before text pruning
+                record_text=step in self.probe_steps,  # only the dense step before text pruning
             ),
         )
         self.calls += 1

@@ -86,9 +86,9 @@ def cat_reference_schedule(
 
     Dense warm-up for ``round(8/28 * steps)`` steps, then one constant image keep K (a multiple of
     ``align``) whose MAC fraction is closest to ``budget``; text is never pruned
-    (:func:`tokprune.calibrate.optimize.cat_schedule`). Export it with ``tokprune-export --schedule``.
+    (:func:`tokprune.calibrate.baselines.cat_schedule`). Export it with ``tokprune-export --schedule``.
     """
-    from tokprune.calibrate.optimize import cat_schedule
+    from tokprune.calibrate.baselines import cat_schedule
     from tokprune.calibrate.schedule import REUSE, Bucket, Schedule
     from tokprune.pruning.geometry import Geometry
     from tokprune.pruning.macs import mac_fraction
@@ -110,7 +110,7 @@ def cat_reference_schedule(
         scheduler_config=dict(pipe.scheduler.config), guidance=guidance, budget=budget,
         mac_fraction=mac_fraction(g, plan), policy=policy,
         buckets=tuple(sorted({Bucket.from_key(k) for k in keys if k != REUSE}, reverse=True)), plan=tuple(keys),
-        align=align, stats={"method": "cat-reference (tokprune.calibrate.optimize.cat_schedule)"},
+        align=align, stats={"method": "cat-reference (tokprune.calibrate.baselines.cat_schedule)"},
     )
 
 

@@ -2,8 +2,9 @@
 
 One command, for a newcomer on a CPU machine:
 
-1. calibrate a keep schedule under ``--budget`` (a light profile: one prompt, a 2-point keep grid,
-   no text probes, token pruning only — a full calibration is ``tokprune-calibrate``), and freeze it into buckets;
+1. calibrate a keep schedule under ``--budget`` exactly as ``tokprune-calibrate`` does by default
+   (candidate schedules measured as whole sampling runs on 4 train-split captions, the pick validated
+   on 2 others), and freeze it into buckets;
 2. export every bucket to ONNX (``tokprune-export --schedule``), checked against PyTorch;
 3. generate the same held-out prompts with the same seeds three times — PyTorch eager dense
    (diffusers as shipped), the dense bucket alone in ONNX Runtime, and the exported engines with
@@ -39,10 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=0.5, help="fraction of dense transformer MACs (default 0.5)")
     p.add_argument("--steps", type=int, default=16, help="denoising steps (default 16: quick on a CPU)")
     p.add_argument("--n", type=int, default=4, help="images in the grid (default 4)")
-    p.add_argument("--calib-prompts", type=int, default=1, help="prompts for the light calibration (default 1)")
+    p.add_argument("--calib-prompts", type=int, default=4, help="calibration prompts measured (default 4, as tokprune-calibrate)")
+    p.add_argument("--holdout-prompts", type=int, default=2, help="prompts that validate the schedule (default 2)")
     p.add_argument(
-        "--allow-reuse", action="store_true",
-        help="let calibration also replace whole steps by the previous prediction (off: the demo shows token pruning)",
+        "--no-reuse-steps", action="store_true",
+        help="token pruning only: calibration never replaces a whole step by the previous prediction",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engines", type=Path, help="export directory (default engines/<model>-<H>x<W>-s<S>-b<B>)")
@@ -109,7 +111,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from tokprune import runtime
     from tokprune.calibrate.api import calibrate
-    from tokprune.calibrate.profile import default_grid, derive_align, profile_pipeline
     from tokprune.export.exporter import ExportConfig, export_model
     from tokprune.models import call_defaults, load_pipeline
 
@@ -120,25 +121,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     defaults = call_defaults(pipe)
     kwargs = {k: v for k, v in defaults.items() if k in ("height", "width", "guidance_scale", "max_sequence_length")}
     kwargs["num_inference_steps"] = args.steps
-    calib = _prompts(args.model, args.calib_prompts, split_seed=0)  # train split for calibration
+    calib = _prompts(args.model, args.calib_prompts + args.holdout_prompts, split_seed=0)  # train split
     shown = _prompts(args.model, args.n, split_seed=1)  # held-out split for the grid
 
-    print(f"[1/3] calibrating {args.model} for budget {args.budget} on {len(calib)} prompts, {args.steps} steps", flush=True)
+    print(f"[1/3] calibrating {args.model} for budget {args.budget} on {len(calib)} prompts (whole runs measured, "
+          f"{args.holdout_prompts} held out), {args.steps} steps", flush=True)
     vsf = int(pipe.vae_scale_factor)
     height = kwargs.get("height", int(pipe.default_sample_size) * vsf)
     width = kwargs.get("width", int(pipe.default_sample_size) * vsf)
-    patch = int(pipe.transformer.config.patch_size)
-    n_tokens = (height // vsf // patch) * (width // vsf // patch)
-    grid = default_grid(n_tokens, (0.25, 0.5), derive_align(n_tokens))
-    profile = profile_pipeline(
-        pipe, calib, steps=args.steps, guidance=kwargs.get("guidance_scale", 7.0), height=height, width=width,
-        batch_size=len(calib), max_sequence_length=kwargs.get("max_sequence_length", 256), image_grid=grid,
-        prune_text=False, seed=args.seed,
-    )
     schedule = calibrate(
-        pipe, budget=args.budget, steps=args.steps, height=height, width=width,
+        pipe, budget=args.budget, steps=args.steps, height=height, width=width, prompts=calib,
+        num_prompts=args.calib_prompts, holdout_prompts=args.holdout_prompts,
         guidance=kwargs.get("guidance_scale"), max_sequence_length=kwargs.get("max_sequence_length"),
-        prune_text=False, profile=profile, model=args.model, progress=False, allow_reuse=args.allow_reuse,
+        model=args.model, progress=True, allow_reuse=not args.no_reuse_steps,
+        checkpoint_dir=args.report / "calibration",
     )
     print(f"      schedule: mac_fraction {schedule.mac_fraction:.3f}, buckets {[b.key for b in schedule.buckets]}")
 
@@ -239,7 +235,8 @@ def _precheck(args: argparse.Namespace) -> None:
 
     if not 0.0 < args.budget <= 1.0:
         raise ConfigError(f"--budget {args.budget!r} is out of range; expected a fraction of dense MACs in (0, 1], e.g. 0.5")
-    for flag, value, low in (("--steps", args.steps, 2), ("--n", args.n, 1), ("--calib-prompts", args.calib_prompts, 1)):
+    for flag, value, low in (("--steps", args.steps, 2), ("--n", args.n, 1), ("--calib-prompts", args.calib_prompts, 1),
+                             ("--holdout-prompts", args.holdout_prompts, 0)):
         if value < low:
             raise ConfigError(f"{flag} {value}; expected an int >= {low}")
     check_output_dir(args.report, flag="--report")

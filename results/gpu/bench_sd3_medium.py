@@ -646,12 +646,12 @@ class Bench:
         a, n = self.args, self.g.num_tokens
         if a.cat_rule == "repo":
             try:
-                from tokprune.calibrate.optimize import cat_schedule as repo_cat
+                from tokprune.calibrate.baselines import cat_schedule as repo_cat
 
                 plan = repo_cat(self.g, a.steps, budget, t0_fraction=a.warmup_steps / a.steps, align=a.align)
                 keeps = [plan.image_k(s, n) for s in range(plan.num_steps)]
                 d = describe(keeps, n, self.mc, budget=budget,
-                             source="tokprune.calibrate.optimize.cat_schedule (t0 shrinks only when even the smallest"
+                             source="tokprune.calibrate.baselines.cat_schedule (t0 shrinks only when even the smallest"
                                     " aligned K misses the budget; K closest to the budget)")
                 if d["t0"] != a.warmup_steps:
                     d["note"] = f"cat_schedule lowered t0 from {a.warmup_steps} to {d['t0']} (K={d['K']})"
@@ -664,25 +664,21 @@ class Bench:
         return d
 
     def calibrated(self, budget: float) -> dict:
-        """Bucketed schedule from ``tokprune.calibrate.optimize.optimize_schedule`` on a SYNTHETIC error profile
-        (no pipeline): error(step s, K) = e_s * (1 - K/N)^1.5, reuse error 1.5 e_s, e_s = 0.5 exp(-s/4) + 0.05
-        (early steps sensitive, as CAT's warm-up assumes). Image pruning only (text kept)."""
-        from tokprune.calibrate.optimize import optimize_schedule
-        from tokprune.calibrate.profile import IMAGE_FRACTIONS, ErrorProfile, default_grid
+        """A bucketed schedule without a pipeline: the structure calibration would measure first on a model
+        whose early steps matter most (``tokprune.calibrate.search.realize`` of a falling keep profile after
+        CAT's warm-up). Random weights cannot be calibrated for quality; this row measures speed only."""
+        from tokprune.calibrate.search import Structure, realize
 
         a, g = self.args, self.g
         n, steps = g.num_tokens, a.steps
-        grid = default_grid(n, IMAGE_FRACTIONS, a.align)
-        e = [0.5 * math.exp(-s / 4.0) + 0.05 for s in range(steps)]
-        prof = ErrorProfile(num_tokens=n, text_tokens=g.text_tokens, image_grid=grid,
-                            image_error=tuple(tuple(e[s] * (1 - k / n) ** 1.5 for k in grid) for s in range(steps)),
-                            reuse_error=tuple(math.inf if s == 0 else 1.5 * e[s] for s in range(steps)))
-        alloc = optimize_schedule(g, prof, budget, max_buckets=a.calib_max_buckets, align=a.align, prune_text=False)
-        keeps = [int(k) for k in alloc.image_keep]
+        plan = realize(Structure(round(a.warmup_steps), shape="down"), g, steps, budget, align=a.align,
+                       max_buckets=a.calib_max_buckets)
+        if plan is None:
+            raise ValueError(f"no bucketed schedule reaches budget {budget} with {a.calib_max_buckets} buckets")
+        keeps = [plan.image_k(s, n) for s in range(steps)]
         d = describe(keeps, n, self.mc, budget=budget,
-                     source=f"tokprune.calibrate.optimize.optimize_schedule(max_buckets={a.calib_max_buckets}) on a "
-                            "synthetic profile e_s*(1-K/N)^1.5, e_s=0.5exp(-s/4)+0.05, reuse 1.5e_s; text not pruned")
-        d["optimizer_mac_fraction"] = alloc.mac_fraction
+                     source=f"tokprune.calibrate.search.realize(warm-up {a.warmup_steps}, falling keep profile, "
+                            f"max_buckets={a.calib_max_buckets}); text not pruned")
         return d
 
     def flop_check(self) -> None:
@@ -1303,8 +1299,8 @@ def parse_args(argv=None):
     p.add_argument("--cat-rule", default="repo", choices=["repo", "local"], help="CAT schedule: tokprune.calibrate"
                    "'s cat_schedule (repo) or this script's rule (local: lower t0 until K >= --min-keep-frac N)")
     p.add_argument("--min-keep-frac", type=float, default=0.125, help="local rule: smallest K as a fraction of N")
-    p.add_argument("--calib-budgets", default="0.5", help="budgets for the calibrated bucketed schedule (synthetic"
-                   " profile, tokprune.calibrate.optimize_schedule); '' to skip")
+    p.add_argument("--calib-budgets", default="0.5", help="budgets for the bucketed schedule (tokprune.calibrate.search"
+                   ".realize, falling keep profile); '' to skip")
     p.add_argument("--calib-max-buckets", type=int, default=3, help="buckets of the calibrated schedule, dense included")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="default bf16 (fp32 with --tiny)")
     p.add_argument("--align", type=int, default=None, help="K multiple (default 64; 16 with --tiny)")

@@ -1,23 +1,25 @@
-"""Profiling the tiny pipeline, calibrate(), and the tokprune-calibrate CLI end to end."""
+"""calibrate() on measured whole runs of the tiny pipeline, resume from checkpoints, and the CLI end to end."""
 
 from __future__ import annotations
 
-import math
+import json
 
 import pytest
 import torch
 
 from tokprune.calibrate import Schedule, calibrate
 from tokprune.calibrate.cli import main
-from tokprune.calibrate.profile import load_prompts, pick_prompts, profile_pipeline
+from tokprune.calibrate.prompts import load_prompts, pick_prompts, split_prompts
+from tokprune.calibrate.rollout import Rollouts
 from tokprune.errors import ConfigError
 from tokprune.pruning import Geometry
 from tokprune.pruning.macs import mac_fraction
 
 STEPS = 4
 MSL = 16  # T5 tokens: T = 77 + 16 = 93
-PROMPTS = ["a red circle on a white background", "two blue squares"]
-SMALL = dict(image_grid=(64, 192), text_grid=(48,), max_sequence_length=MSL, batch_size=2, progress=False)
+PROMPTS = ["a red circle on a white background", "two blue squares", "a green triangle", "a small yellow star"]
+SMALL = dict(steps=6, guidance=5.0, max_sequence_length=MSL, num_prompts=2, holdout_prompts=1, max_rollouts=8,
+             progress=False, model="sd3-tiny")
 
 
 @pytest.fixture(scope="module")
@@ -28,82 +30,92 @@ def pipe():
 
 
 @pytest.fixture(scope="module")
-def profile(pipe):
-    return profile_pipeline(pipe, PROMPTS, steps=STEPS, guidance=5.0, seed=3, **SMALL)
+def schedule(pipe):
+    return calibrate(pipe, budget=0.6, prompts=PROMPTS, max_buckets=3, **SMALL)
 
 
-def _guided_predictions(pipe, guidance):
-    """Guided noise predictions of a plain pipeline run, per step: list of (P, C*H*W)."""
-    preds = []
-
-    def hook(module, args, kwargs, output):
-        p = output[0].float().flatten(1)
-        u, c = p.chunk(2)
-        preds.append(u + guidance * (c - u))
-
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        latents = pipe(
-            prompt=PROMPTS,
-            num_inference_steps=STEPS,
-            guidance_scale=guidance,
-            output_type="latent",
-            generator=torch.Generator().manual_seed(3),
-            max_sequence_length=MSL,
-        ).images
-    finally:
-        handle.remove()
-    return preds, latents
+def test_calibrate_measures_whole_runs_within_budget(pipe, schedule):
+    g = schedule.geometry(pipe.transformer.config, batch=2)
+    plan = schedule.to_plan()
+    assert abs(schedule.mac_fraction - 0.6) <= 0.02
+    assert schedule.mac_fraction == pytest.approx(mac_fraction(g, plan))  # probe included where it runs
+    assert len(schedule.buckets) <= 3 and schedule.plan[0] == "k0256-t0093"
+    st = schedule.stats
+    assert st["method"] == "measured-rollout-search" and 0 < st["search"]["rollouts"] <= 8
+    assert st["holdout"]["num_prompts"] == 1 and st["holdout"]["error"] > 0 and st["holdout"]["psnr_db"] > 10
+    assert st["cost"]["measured_runs"] == st["search"]["rollouts"] and st["cost"]["holdout_runs"] == 1
+    # the predicted error is the measured error of the chosen plan on the calibration prompts
+    calib, _ = split_prompts(PROMPTS, 2, 1)
+    ro = Rollouts(pipe, calib, steps=6, guidance=5.0, max_sequence_length=MSL)
+    assert st["predicted_error"] == pytest.approx(ro.error(plan), rel=1e-9)
 
 
-def test_profile_measures_the_dense_run(pipe, profile):
-    assert "forward" not in pipe.transformer.__dict__  # the recording hook is gone
-    assert profile.steps == STEPS and profile.num_samples == 2
-    assert profile.num_tokens == 256 and profile.text_tokens == 77 + MSL
-    assert math.isinf(profile.reuse_error[0]) and all(math.isinf(e) for e in profile.image_error[0])
-    # reuse error = ||v_{i-1} - v_i|| / ||v_i|| of the guided prediction of an independent plain run
-    preds, _ = _guided_predictions(pipe, 5.0)
-    assert len(preds) == STEPS
-    for s in range(1, STEPS):
-        want = ((preds[s - 1] - preds[s]).norm(dim=1) / preds[s].norm(dim=1)).mean().item()
-        assert profile.reuse_error[s] == pytest.approx(want, rel=1e-4)
-        assert all(0.0 < e < 10.0 for e in profile.image_error[s] + profile.text_error[s])
-    # step weights follow the shifted flow-matching step sizes: normalised to mean 1
-    assert sum(profile.step_weight) == pytest.approx(STEPS)
-    assert profile.scores["relative_noise"][0]["p99"] == 0.0  # step 0 is its own reference
-    assert profile.scores["dynamics"][1]["mean"] > 0.0
+def test_calibrated_beats_cats_fixed_schedule_at_equal_macs(pipe, schedule):
+    """The pick is the best measured candidate, CAT's fixed schedule at every warm-up among them."""
+    st = schedule.stats
+    cats = [c for c in st["search"]["candidates"] if c["origin"].startswith("seed:cat-t0=")]
+    assert cats, "CAT's schedule is always a seed"
+    for c in cats:
+        assert abs(c["mac_fraction"] - schedule.mac_fraction) <= 0.04  # both within +-0.02 of the budget
+        assert st["predicted_error"] <= c["error"]
+    assert st["cat_reference"]["error"] == min(c["error"] for c in cats)
 
 
-def test_profile_is_deterministic(pipe, profile):
-    again = profile_pipeline(pipe, PROMPTS, steps=STEPS, guidance=5.0, seed=3, **SMALL)
-    assert again == profile
-
-
-def test_calibrate_from_profile_without_model_calls(pipe, profile):
+def test_budget_one_is_dense_without_model_calls(pipe):
     calls = []
     handle = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        sched = calibrate(
-            pipe,
-            budget=0.5,
-            steps=STEPS,
-            guidance=5.0,
-            max_sequence_length=MSL,
-            profile=profile,
-            model="sd3-tiny",
-            max_buckets=3,
-        )
-        dense = calibrate(pipe, budget=1.0, steps=STEPS, guidance=5.0, max_sequence_length=MSL, model="sd3-tiny")
+        dense = calibrate(pipe, budget=1.0, prompts=PROMPTS, **SMALL)
+    finally:
+        handle.remove()
+    assert calls == [] and dense.mac_fraction == 1.0 and set(dense.plan) == {"k0256-t0093"}
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"budget": 0.0}, "--budget 0.0 is out of range"),
+    ({"budget": 0.5, "max_buckets": 0}, "--max-buckets 0"),
+    ({"budget": 0.5, "policy": "bogus"}, "unknown selection policy 'bogus'"),
+    ({"budget": 0.5, "max_rollouts": 0}, "--max-rollouts 0"),
+    ({"budget": 0.5, "height": 63}, "not a positive multiple of 4"),
+])
+def test_bad_inputs_are_refused_before_any_model_call(pipe, kwargs, message):
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises((ConfigError, ValueError), match=message):
+            calibrate(pipe, prompts=PROMPTS, **{**SMALL, **kwargs})
     finally:
         handle.remove()
     assert calls == []
-    g = sched.geometry(pipe.transformer.config, batch=2)
-    assert abs(mac_fraction(g, sched.to_plan()) - 0.5) <= 0.02
-    assert sched.mac_fraction == pytest.approx(mac_fraction(g, sched.to_plan()))
-    assert len(sched.buckets) <= 3 and sched.plan[0] == "k0256-t0093"
-    assert dense.plan == ("k0256-t0093",) * STEPS and dense.mac_fraction == 1.0
-    with pytest.raises(ConfigError, match="profile has 4 steps"):
-        calibrate(pipe, budget=0.5, steps=6, guidance=5.0, max_sequence_length=MSL, profile=profile)
+
+
+def test_interrupted_calibration_resumes_to_the_same_schedule(pipe, tmp_path, monkeypatch, caplog):
+    ref = calibrate(pipe, budget=0.6, prompts=PROMPTS, max_buckets=3, **SMALL)
+    ckpt = tmp_path / "ckpt"
+    real = Rollouts.errors
+    count = {"n": 0}
+
+    def flaky(self, plan, policy=None):
+        count["n"] += 1
+        if count["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, plan, policy)
+
+    monkeypatch.setattr(Rollouts, "errors", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(pipe, budget=0.6, prompts=PROMPTS, max_buckets=3, checkpoint_dir=ckpt, **SMALL)
+    saved = (ckpt / "rollouts.jsonl").read_text().splitlines()
+    assert len(saved) == 3  # every finished measurement was checkpointed before the interrupt
+    monkeypatch.setattr(Rollouts, "errors", real)
+    measured = []
+    monkeypatch.setattr(Rollouts, "errors", lambda self, plan, policy=None: measured.append(plan) or real(self, plan, policy))
+    with caplog.at_level("INFO", logger="tokprune.calibrate.api"):
+        resumed = calibrate(pipe, budget=0.6, prompts=PROMPTS, max_buckets=3, checkpoint_dir=ckpt, **SMALL)
+    assert "3 measured runs reused" in caplog.text
+    assert len(measured) == ref.stats["search"]["rollouts"] - 3 + 1  # the rest, plus the held-out check
+    assert resumed.to_json() == ref.to_json()  # byte for byte
+    again = calibrate(pipe, budget=0.6, prompts=PROMPTS, max_buckets=3, checkpoint_dir=ckpt, **SMALL)
+    assert again.to_json() == ref.to_json() and len(measured) == ref.stats["search"]["rollouts"] - 3 + 1 + 0 * 1
 
 
 def test_builtin_prompts():
@@ -165,7 +177,7 @@ def test_cli_end_to_end(tmp_path, capsys):
         pooled_dim=64,
     )
     assert sched.mac_fraction == pytest.approx(mac_fraction(g, sched.to_plan()))
-    assert len(sched.stats["profile"]["image_error"]) == STEPS and "cat_reference" in sched.stats
+    assert sched.stats["search"]["candidates"] and "cat_reference" in sched.stats
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert "achieved mac_fraction" in capsys.readouterr().out
@@ -207,7 +219,7 @@ def test_cli_bad_inputs(cli, tmp_path, args, message):
 
 def test_cli_bad_prompt_files(cli, tmp_path):
     rc, err = cli("--prompts", str(tmp_path / "missing.txt"), out=str(tmp_path / "s.json"))
-    assert rc == 2 and "missing.txt" in err and "does not exist" in err
+    assert rc == 2 and "missing.txt" in err and "no such file" in err
     empty = tmp_path / "empty.txt"
     empty.write_text("\n   \n# only a comment\n")
     rc, err = cli("--prompts", str(empty), out=str(tmp_path / "s.json"))

@@ -1,0 +1,314 @@
+"""Whole sampling runs ("rollouts") of a plan on a fixed prompt set, measured against dense.
+
+Calibration judges a schedule by what it does to complete runs, not by one-step errors: a
+:class:`Rollouts` object holds a prompt set (encoded once), its seeded start latents and the
+dense run's final latents, and measures any :class:`~tokprune.pruning.plan.PrunePlan` by running
+the whole denoising loop through the runtime's own selection code (:class:`TokenPruner`, the
+same policy objects, CFG sharing, text protection and probe steps as eager sampling and the
+engines).
+
+Runs that share a plan prefix share its work: the run state after every step (latents, the
+pruner's caches and previous prediction, the policy's state) is kept as a snapshot keyed by the
+prefix, up to a memory cap (least recently used snapshots go first), and a new run resumes from
+the longest stored prefix. Dense warm-ups are therefore paid once per prompt set.
+
+The loop is the ``StableDiffusion3Pipeline`` loop (same start latents from the seeded generator,
+same timesteps, guidance and scheduler step), so the dense rollout equals the pipeline's output
+(checked in ``tests/calibrate/test_rollout.py``).
+
+Example::
+
+    from tokprune.models import load_pipeline
+    from tokprune.calibrate.rollout import Rollouts
+    from tokprune.calibrate.baselines import cat_schedule
+
+    pipe = load_pipeline("sd3-tiny")
+    ro = Rollouts(pipe, ["a red circle", "two blue squares"], steps=8, guidance=5.0)
+    plan = cat_schedule(ro.geometry, 8, 0.5, t0=2)
+    ro.error(plan)          # mean relative L2 error of the final latents vs dense
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from tokprune.errors import ConfigError
+from tokprune.pruning.geometry import Geometry
+from tokprune.pruning.macs import dense_macs, step_macs
+from tokprune.pruning.plan import ALL, PrunePlan
+from tokprune.pruning.sampler import RunState, TokenPruner
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Rollouts", "relative_error"]
+
+DEFAULT_SNAPSHOT_BYTES = 3 * 2**30  # memory for stored run states (per Rollouts object)
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(P,) float64 ``||x - ref|| / ||ref||`` per sample of (P, ...) tensors."""
+    d = (x.double() - ref.double()).flatten(1).norm(dim=1)
+    return d / ref.double().flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+@dataclass
+class _Snapshot:
+    latents: torch.Tensor  # (P, C, H, W) before the step
+    state: RunState | None  # the pruner's run state before the step (None before step 0)
+    policy: Any
+    nbytes: int
+
+
+def _clone_state(st: RunState | None) -> RunState | None:
+    if st is None:
+        return None
+    return RunState(
+        geometry=st.geometry,
+        caches={k: v.clone() for k, v in st.caches.items()},
+        step=st.step,
+        prev_noise=None if st.prev_noise is None else st.prev_noise.clone(),
+        text_importance=None if st.text_importance is None else st.text_importance.clone(),
+        guidance=st.guidance,
+    )
+
+
+def _state_bytes(latents: torch.Tensor, st: RunState | None) -> int:
+    total = latents.numel() * latents.element_size()
+    if st is not None:
+        total += sum(v.numel() * v.element_size() for v in st.caches.values())
+        if st.prev_noise is not None:
+            total += st.prev_noise.numel() * st.prev_noise.element_size()
+    return total
+
+
+def _plan_key(plan: PrunePlan, steps: int) -> tuple[tuple[int, int, bool], ...]:
+    """Per step (image keep, text keep, probe): what the state after a prefix depends on."""
+    text = plan.text_keep if plan.text_keep is not None else (ALL,) * steps
+    probes = set(plan.probe_steps())
+    return tuple((k, t, s in probes) for s, (k, t) in enumerate(zip(plan.image_keep, text)))
+
+
+class Rollouts:
+    """Measure whole sampling runs of plans on one prompt set (module docstring).
+
+    Args that matter:
+        pipe: a ``StableDiffusion3Pipeline`` (its transformer, scheduler, text encoders are used; it
+            is not modified).
+        prompts: the prompt set; all prompts run in one batch (2x under CFG): keep it small.
+        steps, guidance, height, width, max_sequence_length: the call the schedule is for.
+        seed: start latents come from ``torch.Generator().manual_seed(seed)`` as in a pipeline call.
+    Args to tinker with:
+        policy: the default selection policy name for :meth:`run`.
+        snapshot_bytes: memory for prefix snapshots (0 disables sharing).
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        prompts: Sequence[str],
+        *,
+        steps: int,
+        guidance: float,
+        height: int | None = None,
+        width: int | None = None,
+        max_sequence_length: int = 256,
+        seed: int = 0,
+        reuse: str = "noise",
+        policy: str = "cat",
+        snapshot_bytes: int = DEFAULT_SNAPSHOT_BYTES,
+        on_step: Callable[[float], None] | None = None,
+    ) -> None:
+        if not prompts:
+            raise ConfigError("a rollout needs at least one prompt; got none")
+        self.pipe = pipe
+        self.prompts = list(prompts)
+        self.steps = int(steps)
+        self.guidance = float(guidance)
+        self.cfg = self.guidance > 1.0
+        self.reuse = reuse
+        self.policy = policy
+        self.seed = int(seed)
+        self.snapshot_bytes = int(snapshot_bytes)
+        self.on_step = on_step  # called with the MAC fraction of every executed step (progress)
+        vsf = int(pipe.vae_scale_factor)
+        self.height = int(height or pipe.default_sample_size * vsf)
+        self.width = int(width or pipe.default_sample_size * vsf)
+        self.max_sequence_length = int(max_sequence_length)
+        self.device = pipe._execution_device if hasattr(pipe, "_execution_device") else torch.device("cpu")
+        self._encode()
+        p = len(self.prompts)
+        self.geometry = Geometry.from_config(
+            pipe.transformer.config,
+            batch=2 * p if self.cfg else p,
+            latent_hw=(self.height // vsf, self.width // vsf),
+            text_tokens=int(self.encoder_hidden_states.shape[1]),
+        )
+        self._dense_step_macs = dense_macs(self.geometry)
+        self._snapshots: OrderedDict[tuple, _Snapshot] = OrderedDict()
+        self._held = 0
+        self._dense: torch.Tensor | None = None
+        self.executed_steps = 0  # transformer calls made (cost accounting)
+        self.executed_units = 0.0  # the same in dense-step MAC units
+
+    # ---- set-up ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode(self) -> None:
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+
+        from tokprune.pruning.text import special_token_mask
+
+        pipe = self.pipe
+        pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=self.prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=self.cfg,
+            max_sequence_length=self.max_sequence_length,
+        )
+        mask = special_token_mask(pipe, self.prompts, max_sequence_length=self.max_sequence_length)
+        if self.cfg:
+            self.encoder_hidden_states = torch.cat([neg, pos])
+            self.pooled = torch.cat([neg_pooled, pooled])
+            neg_mask = special_token_mask(pipe, [""] * len(self.prompts), max_sequence_length=self.max_sequence_length)
+            self.text_protect = torch.cat([neg_mask, mask])
+        else:
+            self.encoder_hidden_states, self.pooled, self.text_protect = pos, pooled, mask
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.start = pipe.prepare_latents(
+            len(self.prompts),
+            pipe.transformer.config.in_channels,
+            self.height,
+            self.width,
+            pos.dtype,
+            self.device,
+            gen,
+            None,
+        )
+        sched = copy.deepcopy(pipe.scheduler)
+        kwargs = {}
+        if sched.config.get("use_dynamic_shifting", None):
+            _, _, h, w = self.start.shape
+            p = pipe.transformer.config.patch_size
+            kwargs["mu"] = calculate_shift(
+                (h // p) * (w // p),
+                sched.config.get("base_image_seq_len", 256),
+                sched.config.get("max_image_seq_len", 4096),
+                sched.config.get("base_shift", 0.5),
+                sched.config.get("max_shift", 1.16),
+            )
+        self.timesteps, _ = retrieve_timesteps(sched, self.steps, self.device, **kwargs)
+        if len(self.timesteps) != self.steps:
+            raise ConfigError(f"the scheduler made {len(self.timesteps)} timesteps for {self.steps} steps; expected one per step")
+        self._scheduler = sched  # set_timesteps done; copied per run
+
+    # ---- runs --------------------------------------------------------------------------------
+    def dense(self) -> torch.Tensor:
+        """(P, C, H, W) float32 final latents of the dense run (computed once)."""
+        if self._dense is None:
+            self._dense = self.run(PrunePlan.dense(self.steps))
+        return self._dense
+
+    def error(self, plan: PrunePlan, policy: str | None = None) -> float:
+        """Mean over prompts of the final latent's relative L2 error vs dense."""
+        return float(self.errors(plan, policy).mean())
+
+    def errors(self, plan: PrunePlan, policy: str | None = None) -> torch.Tensor:
+        """(P,) float64 per-prompt relative L2 error of the final latents vs dense."""
+        return relative_error(self.run(plan, policy), self.dense())
+
+    @torch.no_grad()
+    def run(self, plan: PrunePlan, policy: str | None = None) -> torch.Tensor:
+        """(P, C, H, W) float32 final latents of a whole run following ``plan``."""
+        if plan.num_steps != self.steps:
+            raise ConfigError(f"the plan has {plan.num_steps} steps; these rollouts run {self.steps}")
+        policy = policy or self.policy
+        key = _plan_key(plan, self.steps)
+        pruner = TokenPruner(
+            self.pipe.transformer,
+            plan,
+            policy=policy,
+            seed=0,  # the policy seed the runtime and apply() use; self.seed only seeds the start latents
+            reuse=self.reuse,
+            text_protect=self.text_protect,
+            guidance=self.guidance if self.cfg else None,
+        )
+        start, snap = self._longest_prefix(policy, key)
+        if snap is None:
+            latents, pruner.state = self.start.clone(), None
+        else:
+            latents = snap.latents.clone()
+            pruner.state = _clone_state(snap.state)
+            pruner.policy = copy.deepcopy(snap.policy)
+        sched = copy.deepcopy(self._scheduler)
+        sched.set_begin_index(start)
+        for s in range(start, self.steps):
+            if s > start or snap is None:
+                self._store(policy, key[:s], latents, pruner)
+            latents = self._step(pruner, sched, s, latents)
+        return latents.float()
+
+    def _step(self, pruner: TokenPruner, sched: Any, s: int, latents: torch.Tensor) -> torch.Tensor:
+        t = self.timesteps[s]
+        x = torch.cat([latents, latents]) if self.cfg else latents
+        g = self.geometry
+        if pruner.state is None:
+            pruner.state = pruner.begin(g, x.device, x.dtype)
+        pruner.state.step = s
+        noise = pruner.step(pruner.state, x, self.encoder_hidden_states, self.pooled, t.expand(x.shape[0]))
+        pruner.state.step = s + 1
+        k = pruner.plan.image_k(s, g.num_tokens)
+        if k > 0:
+            frac = step_macs(g, k, pruner.plan.text_k(s, g.text_tokens), self.reuse, probe=s in pruner.probe_steps)
+            self.executed_steps += 1
+            self.executed_units += frac / self._dense_step_macs
+            if self.on_step is not None:
+                self.on_step(frac / self._dense_step_macs)
+        if self.cfg:
+            uncond, cond = noise.chunk(2)
+            noise = uncond + self.guidance * (cond - uncond)
+        return sched.step(noise, t, latents, return_dict=False)[0]
+
+    # ---- snapshots ---------------------------------------------------------------------------
+    def _longest_prefix(self, policy: str, key: tuple) -> tuple[int, _Snapshot | None]:
+        for s in range(len(key), 0, -1):
+            snap = self._snapshots.get((policy, key[:s]))
+            if snap is not None:
+                self._snapshots.move_to_end((policy, key[:s]))
+                return s, snap
+        return 0, None
+
+    def _store(self, policy: str, prefix: tuple, latents: torch.Tensor, pruner: TokenPruner) -> None:
+        if not prefix or self.snapshot_bytes <= 0 or (policy, prefix) in self._snapshots:
+            return
+        nbytes = _state_bytes(latents, pruner.state)
+        if nbytes > self.snapshot_bytes:
+            return
+        while self._held + nbytes > self.snapshot_bytes and self._snapshots:
+            _, old = self._snapshots.popitem(last=False)
+            self._held -= old.nbytes
+        self._snapshots[(policy, prefix)] = _Snapshot(
+            latents=latents.clone(), state=_clone_state(pruner.state), policy=copy.deepcopy(pruner.policy), nbytes=nbytes
+        )
+        self._held += nbytes
+
+    def clear(self) -> None:
+        """Drop every stored snapshot (frees their memory)."""
+        self._snapshots.clear()
+        self._held = 0
+
+    # ---- decoding ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> Any:
+        """(P, H, W, 3) float images in [0, 1] as the pipeline's ``output_type="np"`` would return."""
+        vae = self.pipe.vae
+        x = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(x, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="np")

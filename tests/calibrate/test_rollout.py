@@ -1,0 +1,78 @@
+"""Whole-run rollouts: the same loop, selection code and state as a pipeline call with pruning applied."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokprune import pruning
+from tokprune.calibrate.baselines import cat_schedule, interleaved_schedule
+from tokprune.calibrate.rollout import Rollouts
+from tokprune.pruning.plan import ALL, PrunePlan
+
+STEPS, MSL = 6, 16
+PROMPTS = ["a red circle on a white background", "two blue squares"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from tokprune.models import build_tiny_pipeline
+
+    p = build_tiny_pipeline("sd3")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def rollouts(pipe):
+    return Rollouts(pipe, PROMPTS, steps=STEPS, guidance=5.0, max_sequence_length=MSL, seed=3)
+
+
+def _pipeline(pipe, plan=None, policy="cat"):
+    if plan is not None:
+        pruning.apply(pipe, plan, policy=policy)
+    try:
+        return pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=5.0, generator=torch.Generator().manual_seed(3),
+                    output_type="latent", max_sequence_length=MSL).images
+    finally:
+        pruning.remove(pipe)
+
+
+def test_dense_rollout_is_the_pipeline_call(pipe, rollouts):
+    assert torch.equal(rollouts.dense(), _pipeline(pipe).float())
+
+
+@pytest.mark.parametrize("policy", ["cat", "dynamics", "random"])
+def test_pruned_rollout_is_the_pruned_pipeline_call(pipe, rollouts, policy):
+    """Rollouts measure exactly what users run: same policy code, CFG sharing, caches and probe steps."""
+    plan = PrunePlan((ALL, ALL, 128, 0, 64, 128), text_keep=(ALL, ALL, 40, ALL, ALL, 40))
+    assert torch.equal(rollouts.run(plan, policy), _pipeline(pipe, plan, policy).float())
+
+
+def test_shared_prefixes_are_paid_once_and_change_nothing(pipe):
+    ro = Rollouts(pipe, PROMPTS, steps=STEPS, guidance=5.0, max_sequence_length=MSL, seed=3)
+    fresh = Rollouts(pipe, PROMPTS, steps=STEPS, guidance=5.0, max_sequence_length=MSL, seed=3, snapshot_bytes=0)
+    ro.dense()
+    before = ro.executed_steps
+    plan = cat_schedule(ro.geometry, STEPS, 0.6, t0=3)
+    warm = plan.image_keep.index(next(k for k in plan.image_keep if k != ALL))
+    assert warm >= 2
+    assert torch.equal(ro.run(plan), fresh.run(plan))
+    assert ro.executed_steps - before == STEPS - warm  # resumed after the shared dense warm-up
+    assert fresh.executed_steps == STEPS
+
+
+def test_error_is_zero_for_dense_and_grows_with_pruning(rollouts):
+    assert rollouts.error(PrunePlan.dense(STEPS)) == 0.0
+    light = cat_schedule(rollouts.geometry, STEPS, 0.9, t0=2)
+    heavy = cat_schedule(rollouts.geometry, STEPS, 0.5, t0=2)
+    assert 0.0 < rollouts.error(light) < rollouts.error(heavy)
+    reuse = interleaved_schedule(rollouts.geometry, STEPS, 0.5)
+    assert rollouts.error(reuse) > 0.0
+
+
+def test_decode_matches_the_pipeline_images(pipe, rollouts):
+    got = rollouts.decode(rollouts.dense())
+    want = pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=5.0, generator=torch.Generator().manual_seed(3),
+                output_type="np", max_sequence_length=MSL).images
+    assert got.shape == want.shape and abs(got - want).max() < 1e-5
