@@ -142,7 +142,8 @@ def calibrate(
         checkpoint_dir: where measured runs are checkpointed; a re-run with the same directory reuses them
             and yields the same schedule (None: nothing is written).
     Args to tinker with:
-        prompts: calibration prompts (default: the ~80 shipped ones); ``num_prompts`` of them, evenly spread,
+        prompts: calibration prompts (default: the model's own set where it has one, e.g. the ``shapes``
+            yardstick's train captions, else the ~80 shipped ones); ``num_prompts`` of them, evenly spread,
             are measured and ``holdout_prompts`` others validate the pick.
         max_rollouts: measured candidate schedules at most (seeds included; 24 is plenty for the search space).
         policy: selection policy the runtime will use (``"cat"``, ``"dynamics"``, ``"random"``).
@@ -175,8 +176,13 @@ def calibrate(
     budget = float(budget)
     cfg = guidance > 1.0
     geometry = geometry.with_batch(2 if cfg else 1)  # one prompt per call; ratios do not depend on batch
-    source = "built-in" if prompts is None else "user"
-    all_prompts = load_prompts() if prompts is None else [p.strip() for p in prompts if p and p.strip()]
+    from tokprune.models import calibration_prompts
+
+    model_prompts = calibration_prompts(pipe) if prompts is None else None
+    source = "user" if prompts is not None else "model" if model_prompts else "built-in"
+    if prompts is None:
+        prompts = model_prompts or load_prompts()
+    all_prompts = [p.strip() for p in prompts if p and p.strip()]
     if not all_prompts:
         raise ConfigError("no calibration prompts given (all empty); pass --prompts FILE with one prompt per line")
     calib, held = split_prompts(all_prompts, num_prompts, holdout_prompts)

@@ -46,9 +46,18 @@ from tokprune.pruning.sampler import RunState, TokenPruner
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Rollouts", "relative_error"]
+__all__ = ["Rollouts", "default_snapshot_bytes", "relative_error"]
 
-DEFAULT_SNAPSHOT_BYTES = 3 * 2**30  # memory for stored run states (per Rollouts object)
+DEFAULT_SNAPSHOT_BYTES = 3 * 2**30  # memory for stored run states on the CPU (per Rollouts object)
+CUDA_SNAPSHOT_SHARE = 0.3  # on a GPU: this share of the free device memory
+
+
+def default_snapshot_bytes(device: torch.device) -> int:
+    """Memory for prefix snapshots: 3 GiB on the CPU, 30% of the free memory on a CUDA device."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_SNAPSHOT_SHARE)
+    return DEFAULT_SNAPSHOT_BYTES
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -105,7 +114,8 @@ class Rollouts:
         seed: start latents come from ``torch.Generator().manual_seed(seed)`` as in a pipeline call.
     Args to tinker with:
         policy: the default selection policy name for :meth:`run`.
-        snapshot_bytes: memory for prefix snapshots (0 disables sharing).
+        select_from: what the policy scores under CFG (``"guided"`` or ``"cond"``, as :func:`pruning.apply`).
+        snapshot_bytes: memory for prefix snapshots (0 disables sharing; None: :func:`default_snapshot_bytes`).
     """
 
     def __init__(
@@ -121,7 +131,8 @@ class Rollouts:
         seed: int = 0,
         reuse: str = "noise",
         policy: str = "cat",
-        snapshot_bytes: int = DEFAULT_SNAPSHOT_BYTES,
+        select_from: str = "guided",
+        snapshot_bytes: int | None = None,
         on_step: Callable[[float], None] | None = None,
     ) -> None:
         if not prompts:
@@ -134,13 +145,14 @@ class Rollouts:
         self.reuse = reuse
         self.policy = policy
         self.seed = int(seed)
-        self.snapshot_bytes = int(snapshot_bytes)
+        self.select_from = select_from
         self.on_step = on_step  # called with the MAC fraction of every executed step (progress)
         vsf = int(pipe.vae_scale_factor)
         self.height = int(height or pipe.default_sample_size * vsf)
         self.width = int(width or pipe.default_sample_size * vsf)
         self.max_sequence_length = int(max_sequence_length)
         self.device = pipe._execution_device if hasattr(pipe, "_execution_device") else torch.device("cpu")
+        self.snapshot_bytes = default_snapshot_bytes(self.device) if snapshot_bytes is None else int(snapshot_bytes)
         self._encode()
         p = len(self.prompts)
         self.geometry = Geometry.from_config(
@@ -239,6 +251,7 @@ class Rollouts:
             reuse=self.reuse,
             text_protect=self.text_protect,
             guidance=self.guidance if self.cfg else None,
+            select_from=self.select_from,
         )
         start, snap = self._longest_prefix(policy, key)
         if snap is None:

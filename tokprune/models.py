@@ -480,6 +480,13 @@ def _json_default(value: Any) -> Any:
     raise ConfigError(f"fingerprint: config value {value!r} ({type(value).__name__}) is not JSON-serialisable.")
 
 
+def calibration_prompts(pipe: Any) -> list[str] | None:
+    """The model's own calibration prompts (the ``shapes`` yardstick's train-split captions), or None
+    for models that take the built-in general-purpose set."""
+    prompts = getattr(pipe, "_tokprune_calibration_prompts", None)
+    return list(prompts) if prompts else None
+
+
 def call_defaults(pipe: Any) -> dict[str, Any]:
     """Keyword arguments a loaded model must be sampled with, e.g. ``{"max_sequence_length": 32}``.
 

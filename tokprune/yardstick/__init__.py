@@ -26,8 +26,12 @@ def load_shapes_pipeline():
     """The shipped ``shapes`` pipeline, with its sampling settings recorded for tokprune's tools."""
     from tokprune.yardstick.model import load_pipeline
 
+    from tokprune.yardstick.dataset import sample_spec
+
     pipe, meta = load_pipeline(SHAPES_DIR)
     pipe._tokprune_call_defaults = meta.generation_kwargs()
+    # calibration measures in-distribution captions of the train split (split seed 0), never the held-out one
+    pipe._tokprune_calibration_prompts = [sample_spec(i, 0).caption for i in range(80)]
     return pipe
 
 
