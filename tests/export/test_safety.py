@@ -361,3 +361,93 @@ def test_calibrate_refuses_before_loading_the_model(case, needle, tmp_path, caps
     assert calibrate_main(["--model", "sd3-tiny", "--budget", "0.5", "--out", str(out), "--quiet", *extra]) == 2
     one_line_error(capsys.readouterr().err, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# ---- calibration checkpoints: an interrupted calibration resumes ---------------------------------------------
+def _has_checkpoints() -> bool:
+    import inspect
+
+    from tokprune.calibrate import calibrate
+
+    return "checkpoint_dir" in inspect.signature(calibrate).parameters
+
+
+needs_checkpoints = pytest.mark.skipif(not _has_checkpoints(), reason="this checkout's calibrate() has no checkpoint_dir")
+
+
+def _interrupt_third_measurement(monkeypatch) -> None:
+    from tokprune.calibrate import checkpoint
+
+    real, seen = checkpoint.RolloutStore.put, []
+
+    def put(self, *args, **kwargs):
+        seen.append(1)
+        if len(seen) == 3:
+            raise KeyboardInterrupt  # Ctrl-C after two measured runs were checkpointed
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.RolloutStore, "put", put)
+
+
+@needs_checkpoints
+def test_export_interrupted_mid_calibration_reuses_the_measured_runs(tmp_path, monkeypatch, capsys):
+    flags = ["--model", "sd3-tiny", "--budget", "0.5", "--steps", "4", "--num-prompts", "2", "--quiet",
+             "--log-level", "info"]
+    _interrupt_third_measurement(monkeypatch)
+    assert export_main([*flags, "--out", str(tmp_path / "e")]) == 130
+    assert (tmp_path / ".e.partial" / exporter.CALIBRATION_DIR).is_dir()
+    capsys.readouterr()
+    monkeypatch.undo()
+    assert export_main([*flags, "--out", str(tmp_path / "e")]) == 0
+    assert "2 measured runs reused" in capsys.readouterr().err
+    assert export_main([*flags, "--out", str(tmp_path / "fresh")]) == 0
+    assert_same_export(tmp_path / "e", tmp_path / "fresh")  # schedule.json, weights, ONNX byte for byte
+    assert entries(tmp_path) == ["e", "fresh"] and "calibration" not in entries(tmp_path / "e")
+
+
+@needs_checkpoints
+def test_calibrate_interrupted_resumes_from_its_checkpoint_dir(tmp_path, monkeypatch, capsys):
+    from tokprune.calibrate.cli import main as calibrate_main
+
+    flags = ["--model", "sd3-tiny", "--budget", "0.5", "--steps", "4", "--num-prompts", "2", "--quiet",
+             "--log-level", "info"]
+    _interrupt_third_measurement(monkeypatch)
+    assert calibrate_main([*flags, "--out", str(tmp_path / "s.json")]) == 130
+    assert not (tmp_path / "s.json").exists() and (tmp_path / "s.calibration").is_dir()
+    capsys.readouterr()
+    monkeypatch.undo()
+    assert calibrate_main([*flags, "--out", str(tmp_path / "s.json")]) == 0
+    assert "2 measured runs reused" in capsys.readouterr().err
+    assert calibrate_main([*flags, "--out", str(tmp_path / "t.json"), "--checkpoint-dir", str(tmp_path / "t.ckpt")]) == 0
+    assert (tmp_path / "s.json").read_bytes() == (tmp_path / "t.json").read_bytes()
+
+
+@needs_checkpoints
+def test_a_real_sigint_during_calibration(tmp_path, capsys):
+    """SIGINT to a running tokprune-calibrate: exit 130, one line, then a re-run reuses what was measured."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tokprune.calibrate.cli import main as calibrate_main
+
+    flags = ["--model", "sd3-tiny", "--budget", "0.5", "--steps", "8", "--num-prompts", "4", "--quiet",
+             "--out", str(tmp_path / "s.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from tokprune.calibrate.cli import main; "
+                             "sys.exit(main(sys.argv[1:]))", *flags], stderr=subprocess.PIPE, text=True, env=env)
+    log = tmp_path / "s.calibration" / "rollouts.jsonl"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log.is_file() and log.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "calibration finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert one_line_error(err, "tokprune-calibrate: interrupted").endswith("(measured rollouts are checkpointed)")
+    assert not (tmp_path / "s.json").exists()
+    assert calibrate_main([*flags, "--log-level", "info"]) == 0
+    assert "measured runs reused" in capsys.readouterr().err and (tmp_path / "s.json").is_file()
