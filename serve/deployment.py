@@ -1,8 +1,8 @@
 """The Ray Serve application: one deployment whose replicas each hold an :class:`ImageGenerator`.
 
 :func:`build_app` returns a bound ``serve.Application`` (``serve.run`` it, or let
-``tokprune-serve`` do it). Each replica loads the engines and the pipeline once; HTTP requests go
-through :func:`tokprune.serve.http.to_starlette`; ``generate(payload)`` is the Python handle API.
+``tokprune-serve`` do it). Each model replica loads the engines and the pipeline once; a light ingress deployment answers HTTP
+(:func:`tokprune.serve.http.to_starlette`) and the Python handle API (``generate(payload)``).
 Requests are batched with ``@serve.batch`` (up to ``max_batch_size`` images per pipeline call,
 ``slots`` batches in flight per replica), so concurrent requests never share run state.
 
@@ -105,15 +105,22 @@ def deployment_kwargs(opts: ServeOptions) -> dict[str, Any]:
 
 
 def build_app(engine_dir: str | Path, opts: ServeOptions | None = None, *, images_per_call: int = 1) -> Any:
-    """A bound Ray Serve application for ``engine_dir`` (absolute path; every node must see it)."""
+    """A bound Ray Serve application for ``engine_dir`` (absolute path; every node must see it).
+
+    Two deployments: ``<name>`` (the replicas holding the pipeline, batched ``run``) and
+    ``<name>-ingress`` (HTTP and the Python handle API: validates requests, calls a replica, and when
+    the replica dies under a request retries it once on another one; requests are seeded, so the
+    retry is exact).
+    """
     from ray import serve
 
     opts = opts or ServeOptions()
     opts.check()
     max_batch = int(opts.max_batch_size or images_per_call)
+    directory = str(Path(engine_dir).resolve())
 
     @serve.deployment(**deployment_kwargs(opts))
-    class TokpruneServer:
+    class TokpruneModel:
         """One replica: the pipeline with the engines as its transformer."""
 
         def __init__(self, engine_dir: str, options: dict[str, Any]) -> None:
@@ -123,55 +130,96 @@ def build_app(engine_dir: str | Path, opts: ServeOptions | None = None, *, image
             o = ServeOptions(**options)
             self.generator = ImageGenerator(engine_dir, slots=o.slots, backend=o.backend, device=o.device,
                                             threads=o.threads, max_prompt_chars=o.max_prompt_chars)
-            self.limits = self.generator.limits
-
-        # ---- HTTP -------------------------------------------------------------------------------
-        async def __call__(self, request: Any) -> Any:
-            from tokprune.serve.http import to_starlette
-
-            return await to_starlette(request, self)
 
         def describe(self) -> dict[str, Any]:
             info = self.generator.describe()
+            info["max_batch_size"] = max_batch
             try:
                 info["replica"] = serve.get_replica_context().replica_id.unique_id
-            except Exception:  # noqa: BLE001 - outside a replica (tests)
+            except Exception:  # noqa: BLE001 - outside a replica
                 pass
-            info["max_batch_size"] = max_batch
             return info
-
-        def check(self) -> None:
-            self.generator.check()
 
         def check_health(self) -> None:  # Ray Serve's periodic health check
             self.generator.check()
 
         async def run(self, request: Any) -> Any:
+            """A GenerateResult, or the ServeFailure that tells the client what went wrong (never raises)."""
+            from tokprune.serve.http import failure_of
+
             result = await self._batched(request)
-            if isinstance(result, BaseException):
-                raise result
-            return result
+            return failure_of(result) if isinstance(result, BaseException) else result
 
         @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=opts.batch_wait_ms / 1000.0,
                      max_concurrent_batches=opts.slots)
         async def _batched(self, requests: list[Any]) -> list[Any]:
             return await asyncio.to_thread(self.generator.generate_batch, requests)
 
-        # ---- Python handle API ----------------------------------------------------------------
+    @serve.deployment(name=f"{opts.name}-ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                      max_ongoing_requests=10_000, logging_config={"enable_access_log": False})
+    class TokpruneIngress:
+        """HTTP and the Python handle API in front of the model replicas."""
+
+        def __init__(self, model: Any, engine_dir: str, options: dict[str, Any]) -> None:
+            from tokprune.export.manifest import load_manifest
+            from tokprune.serve.request import Limits
+
+            _replica_logging()
+            self.model = model
+            self.limits = Limits.from_manifest(load_manifest(engine_dir),
+                                               max_prompt_chars=int(options.get("max_prompt_chars", 2000)))
+
+        async def __call__(self, request: Any) -> Any:
+            from tokprune.serve.http import to_starlette
+
+            return await to_starlette(request, self)
+
+        async def describe(self) -> dict[str, Any]:
+            return await self.model.describe.remote()
+
+        async def check(self) -> None:
+            await self.model.describe.remote()
+
+        async def run(self, request: Any) -> Any:
+            from ray import exceptions as rx
+
+            from tokprune.serve.http import ServeFailure
+
+            lost = (rx.RayActorError, rx.ActorUnavailableError)
+            for attempt in (1, 2):
+                try:
+                    result = await self.model.run.remote(request)
+                except lost as exc:
+                    if attempt == 2:
+                        raise ServeFailure(f"the replica running this request died twice ({type(exc).__name__}); "
+                                           "retry it (seeded requests give the same image)", 503) from None
+                    logging.getLogger("tokprune.serve").warning(
+                        "%s: its replica died (%s); retrying once on another replica", request.summary(),
+                        type(exc).__name__)
+                    continue
+                if isinstance(result, BaseException):
+                    raise result
+                result.retries = attempt - 1
+                return result
+            raise AssertionError("unreachable")
+
         async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
             """``handle.generate.remote({"prompt": ..., "seed": ...}).result()`` -> ``{"png": bytes, "timings_ms", ...}``.
 
-            Raises :class:`tokprune.serve.request.BadRequest` (a ConfigError) for an invalid payload.
+            Raises :class:`tokprune.serve.request.BadRequest` (a ConfigError) for an invalid payload and
+            :class:`tokprune.serve.http.ServeFailure` when generation fails.
             """
             import time
 
             from tokprune.serve.request import parse_request
 
-            req = parse_request(dict(payload), self.limits, arrived=time.perf_counter())
+            req = parse_request(dict(payload), self.limits, arrived=time.time())
             res = await self.run(req)
-            return {"png": res.png, "seed": res.seed, "timings_ms": res.timings, "batch": res.batch, "pid": res.pid}
+            return {"png": res.png, "seed": res.seed, "timings_ms": res.timings, "batch": res.batch, "pid": res.pid,
+                    "retries": res.retries}
 
-    return TokpruneServer.bind(str(Path(engine_dir).resolve()), asdict(opts))
+    options = asdict(opts)
+    return TokpruneIngress.bind(TokpruneModel.bind(directory, options), directory, options)
 
 
 def _replica_logging() -> None:

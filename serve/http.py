@@ -34,17 +34,34 @@ from tokprune.serve.request import FIELDS, BadRequest, GenerateRequest, Limits, 
 
 logger = logging.getLogger("tokprune.serve")
 
-__all__ = ["Backend", "HttpReply", "asgi_app", "handle"]
+__all__ = ["Backend", "HttpReply", "ServeFailure", "asgi_app", "failure_of", "handle"]
 
 
 class Backend(Protocol):
     limits: Limits
 
-    def describe(self) -> dict[str, Any]: ...
+    def describe(self) -> dict[str, Any]: ...  # or a coroutine returning it
 
-    def check(self) -> None: ...
+    def check(self) -> None: ...  # or a coroutine
 
     async def run(self, request: GenerateRequest) -> Any: ...
+
+
+class ServeFailure(TokpruneError):
+    """A request that reached generation and failed: ``status`` 422 (the engines refused it), 500 or 503."""
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def __reduce__(self) -> Any:  # crosses Ray's process boundary with its status
+        return (ServeFailure, (str(self), self.status))
+
+
+async def _maybe_await(value: Any) -> Any:
+    import inspect
+
+    return await value if inspect.isawaitable(value) else value
 
 
 @dataclass
@@ -64,10 +81,10 @@ ROUTES = {("POST", "/generate"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET"
 
 async def handle(method: str, path: str, body: bytes, backend: Backend) -> HttpReply:
     """Answer one HTTP request; never raises (a failure becomes a JSON error reply)."""
-    arrived = time.perf_counter()
+    t0 = time.perf_counter()
     path = "/" + path.strip("/") if path.strip("/") else "/"
-    reply = await _route(method.upper(), path, body, backend, arrived)
-    total = 1000 * (time.perf_counter() - arrived)
+    reply = await _route(method.upper(), path, body, backend, time.time())
+    total = 1000 * (time.perf_counter() - t0)
     reply.headers.setdefault("X-Tokprune-Total-Ms", f"{total:.1f}")
     if path != "/healthz":
         extra = reply.headers.get("X-Tokprune-Log", "")
@@ -88,12 +105,16 @@ async def _route(method: str, path: str, body: bytes, backend: Backend, arrived:
             "POST a JSON body to /generate; GET /healthz or /readyz to probe")], status=status).to_json())
     if path == "/healthz":
         try:
-            backend.check()
+            await _maybe_await(backend.check())
+            info = await _maybe_await(backend.describe())
         except Exception as exc:  # noqa: BLE001
             return HttpReply.json(503, {"status": "unhealthy", "message": _one_line(exc)})
-        return HttpReply.json(200, {"status": "ok", "pid": backend.describe().get("pid")})
+        return HttpReply.json(200, {"status": "ok", "pid": info.get("pid")})
     if path in ("/readyz", "/"):
-        info = backend.describe()
+        try:
+            info = await _maybe_await(backend.describe())
+        except Exception as exc:  # noqa: BLE001
+            return HttpReply.json(503, {"status": "not ready", "message": _one_line(exc)})
         if path == "/":
             info = {"routes": sorted(f"{m} {p}" for m, p in ROUTES), "fields": list(FIELDS), **info}
         return HttpReply.json(200, {"status": "ready", **info})
@@ -105,6 +126,10 @@ async def _route(method: str, path: str, body: bytes, backend: Backend, arrived:
         result = await backend.run(req)
     except BadRequest as exc:
         return HttpReply.json(exc.status, exc.to_json(), {"X-Tokprune-Log": f"bad request: {exc}"[:300]})
+    except ServeFailure as exc:
+        return HttpReply.json(exc.status, {"error": "generation failed" if exc.status >= 500 else "cannot run",
+                                           "status": exc.status, "message": _one_line(exc)},
+                              {"X-Tokprune-Log": f"{req.summary()} failed: {_one_line(exc)}"[:300]})
     except TokpruneError as exc:  # the runtime refused the call: the client's request cannot run on these engines
         return HttpReply.json(422, {"error": "cannot run", "status": 422, "message": _one_line(exc)},
                               {"X-Tokprune-Log": f"{req.summary()} refused: {_one_line(exc)}"[:300]})
@@ -114,13 +139,24 @@ async def _route(method: str, path: str, body: bytes, backend: Backend, arrived:
                               {"X-Tokprune-Log": f"{req.summary()} failed: {type(exc).__name__}: {_one_line(exc)}"[:300]})
     t = result.timings
     log = (f"{req.summary()} batch={result.batch} queue={t.get('queue', 0):.0f}ms generate={t.get('generate', 0):.0f}ms "
-           f"encode={t.get('encode', 0):.0f}ms pid={result.pid}")
+           f"encode={t.get('encode', 0):.0f}ms pid={result.pid}" + (f" retried={result.retries}" if result.retries else ""))
     headers = {"X-Tokprune-Log": log, "X-Tokprune-Pid": str(result.pid), "X-Tokprune-Seed": str(result.seed),
-               "X-Tokprune-Batch": str(result.batch)}
+               "X-Tokprune-Batch": str(result.batch), "X-Tokprune-Retries": str(result.retries)}
     headers.update({f"X-Tokprune-{k.title()}-Ms": f"{v:.1f}" for k, v in t.items()})
     if req.format == "json":
         return HttpReply.json(200, result.to_json(), headers)
     return HttpReply(200, result.png, "image/png", headers)
+
+
+def failure_of(exc: BaseException) -> ServeFailure:
+    """What a client is told about a failed generation (picklable, one line, no traceback)."""
+    if isinstance(exc, ServeFailure):
+        return exc
+    if isinstance(exc, BadRequest):
+        return ServeFailure(str(exc), exc.status)
+    if isinstance(exc, TokpruneError):  # the runtime refused the call
+        return ServeFailure(_one_line(exc), 422)
+    return ServeFailure(f"{type(exc).__name__}: {_one_line(exc)}; the request may be retried", 500)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -52,6 +52,7 @@ class Outcome:
     error: str | None = None
     first_error: str | None = None  # the first attempt's error when a retry followed
     attempts: int = 0
+    server_retries: int = 0  # the ingress re-ran the request because its replica died
     server_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -128,6 +129,7 @@ async def send(host: str, port: int, index: int, body: dict[str, Any], retries: 
         if status == 200:
             out.sha256 = hashlib.sha256(data).hexdigest()
             out.pid = headers.get("x-tokprune-pid")
+            out.server_retries = int(headers.get("x-tokprune-retries", "0") or 0)
             out.server_ms = {k[len("x-tokprune-"):-3]: float(v) for k, v in headers.items()
                              if k.startswith("x-tokprune-") and k.endswith("-ms")}
             out.error = None
@@ -235,6 +237,7 @@ def summarize(outcomes: Sequence[Outcome], seconds: float) -> dict[str, Any]:
     return {
         "requests": len(outcomes), "ok": len(ok), "failed_with_error": sum(1 for o in outcomes if o.status not in (200, None)),
         "lost": sum(1 for o in outcomes if o.status is None), "retried": sum(1 for o in outcomes if o.attempts > 1),
+        "retried_by_server": sum(o.server_retries for o in outcomes),
         "wall_s": round(seconds, 2), "throughput_rps": round(len(ok) / seconds, 3) if seconds else 0.0,
         "latency_ms": percentiles([o.latency_ms for o in ok]),
         "server_generate_ms": percentiles([o.server_ms.get("generate", 0.0) for o in ok]),
@@ -364,7 +367,8 @@ def _write_markdown(path: Path, r: dict[str, Any]) -> None:
         lines += [
             "## Fault: SIGKILL one replica during load", "",
             f"{f['requests']} requests, {f['ok']} ok, {f['failed_with_error']} failed with an error, {f['lost']} lost; "
-            f"killed pid {f['killed_pid']} at {f['killed_at_s']} s; {f['first_attempt_errors']} first attempts got an "
+            f"killed pid {f['killed_pid']} at {f['killed_at_s']} s; {f['retried_by_server']} requests in flight on the killed "
+            f"replica were re-run by the ingress on another replica; {f['first_attempt_errors']} first attempts got an "
             f"error and were retried once by the client; replica replaced: {f['replaced']} "
             f"(live pids {f['live_pids_after']}, {f['recovery_wait_s']} s after the phase).", "",
         ]

@@ -102,7 +102,7 @@ class GenerateRequest:
     height: int
     width: int
     format: str = "png"
-    arrived: float = field(default=0.0, compare=False)  # time.perf_counter() at arrival (queue time)
+    arrived: float = field(default=0.0, compare=False)  # time.time() at arrival (queue time across processes)
 
     def batch_key(self) -> tuple[float, int, int, int]:
         """Requests with the same key can share one pipeline call."""

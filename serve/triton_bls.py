@@ -151,7 +151,7 @@ class TritonPythonModel:
                 payload = {"prompt": _scalar(pb, request, "PROMPT"), "negative_prompt": _scalar(pb, request, "NEGATIVE_PROMPT"),
                            "seed": _scalar(pb, request, "SEED"), "guidance": _scalar(pb, request, "GUIDANCE")}
                 req = parse_request({k: v for k, v in payload.items() if v is not None}, self.generator.limits,
-                                    arrived=time.perf_counter())
+                                    arrived=time.time())
                 (result,) = self.generator.generate_batch([req])
                 if isinstance(result, BaseException):
                     raise result

@@ -51,12 +51,13 @@ class GenerateResult:
     timings: dict[str, float] = field(default_factory=dict)
     batch: int = 1
     pid: int = field(default_factory=os.getpid)
+    retries: int = 0  # set by the Ray ingress when the first replica died under the request
 
     def to_json(self) -> dict[str, Any]:
         import base64
 
         return {"image_png_base64": base64.b64encode(self.png).decode("ascii"), "seed": self.seed,
-                "timings_ms": self.timings, "batch": self.batch, "pid": self.pid}
+                "timings_ms": self.timings, "batch": self.batch, "pid": self.pid, "retries": self.retries}
 
 
 def clone_pipeline(pipe: Any) -> Any:
@@ -167,6 +168,7 @@ class ImageGenerator:
         torch = self._torch
         pipe = self._slots.get()
         started = time.perf_counter()
+        started_wall = time.time()
         ok = False
         try:
             first = reqs[0]
@@ -197,7 +199,7 @@ class ImageGenerator:
             image.save(buf, format="PNG")
             now = time.perf_counter()
             timings = {
-                "queue": round(1000 * (started - req.arrived), 1) if req.arrived else 0.0,
+                "queue": round(1000 * max(0.0, started_wall - req.arrived), 1) if req.arrived else 0.0,
                 "generate": round(1000 * (generated - started), 1),
                 "encode": round(1000 * (now - generated), 1),
             }
