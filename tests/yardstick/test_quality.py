@@ -1,134 +1,102 @@
-"""Image metrics of the quality benchmark, and a tiny end-to-end run of ``tokprune-quality``."""
+"""``tokprune-quality``: bad input, a tiny end-to-end run, resuming, and findings computed from records."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 
-from tokprune.yardstick import quality
+from tokprune.yardstick import quality, report
+from tokprune.yardstick.store import RunStore
+
+TINY = ["--model", "sd3-tiny", "--steps", "4", "--max-sequence-length", "16", "--calib-prompts", "2", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def images() -> np.ndarray:
-    """Four smooth-ish 48x48 RGB images in [0, 1] (blurred noise, so SSIM has structure to lose)."""
-    rng = np.random.default_rng(0)
-    x = rng.random((4, 48, 48, 3))
-    for _ in range(3):  # cheap box blur
-        x = (x + np.roll(x, 1, axis=1) + np.roll(x, 1, axis=2)) / 3
-    return x.astype(np.float32)
-
-
-def test_identical_images_give_ssim_one_and_infinite_psnr(images):
-    s = quality.ssim(images, images)
-    p = quality.psnr(images, images)
-    assert s.shape == (4,) and p.shape == (4,)
-    np.testing.assert_allclose(s, 1.0, atol=1e-12)
-    assert np.all(np.isinf(p)) and np.all(p > 0)
-    assert quality.ssim(images[0], images[0]).shape == (1,)  # one HWC image
-
-
-def test_psnr_matches_its_definition(images):
-    noisy = np.clip(images + 0.05, 0, 1)
-    mse = ((noisy.astype(np.float64) - images) ** 2).reshape(4, -1).mean(axis=1)
-    np.testing.assert_allclose(quality.psnr(noisy, images), 10 * np.log10(1.0 / mse), rtol=1e-9)
-    # A constant offset of 0.1 on every pixel: exactly 20 dB.
-    base = np.full((1, 16, 16, 3), 0.5)
-    assert quality.psnr(base + 0.1, base)[0] == pytest.approx(20.0, abs=1e-9)
-
-
-def test_ssim_decreases_with_noise(images):
-    rng = np.random.default_rng(1)
-    noise = rng.standard_normal(images.shape)
-    values = [float(quality.ssim(np.clip(images + s * noise, 0, 1), images).mean()) for s in (0.0, 0.01, 0.05, 0.2)]
-    assert values[0] == pytest.approx(1.0)
-    assert values[0] > values[1] > values[2] > values[3]
-    assert values[3] < 0.5  # heavy noise destroys the structure
-    psnrs = [float(quality.psnr(np.clip(images + s * noise, 0, 1), images).mean()) for s in (0.01, 0.05, 0.2)]
-    assert psnrs[0] > psnrs[1] > psnrs[2]
-
-
-def test_ssim_is_symmetric_and_sees_structure_not_only_mean(images):
-    other = images[::-1].copy()
-    np.testing.assert_allclose(quality.ssim(images, other), quality.ssim(other, images), atol=1e-12)
-    # Luminance shift only: SSIM stays high; scrambled structure at the same mean: SSIM drops.
-    shifted = np.clip(images + 0.02, 0, 1)
-    flipped = images[:, ::-1, ::-1].copy()
-    assert quality.ssim(shifted, images).mean() > 0.98
-    assert quality.ssim(flipped, images).mean() < 0.9
-
-
-def test_metrics_reject_mismatched_or_tiny_images(images):
-    from tokprune.errors import ShapeError
-
-    with pytest.raises(ShapeError, match="differ"):
-        quality.ssim(images, images[:2])
-    with pytest.raises(ShapeError, match="window"):
-        quality.ssim(images[:, :8, :8], images[:, :8, :8])
-
-
-def test_bad_cli_values_exit_2(capsys):
-    assert quality.main(["--budgets", "0.5,1.5"]) == 2
+def test_bad_cli_values_exit_2(capsys, tmp_path):
+    assert quality.main(["--budgets", "0.5,1.5", "--out", str(tmp_path)]) == 2
     assert "--budgets" in capsys.readouterr().err
-    assert quality.main(["--methods", "calibrated,tome"]) == 2
+    assert quality.main(["--methods", "calibrated,tome", "--out", str(tmp_path)]) == 2
     assert "tome" in capsys.readouterr().err
+    assert quality.main(["--caches", "teacache:threshold=0.1", "--out", str(tmp_path)]) == 2
+    assert "teacache" in capsys.readouterr().err
+    assert quality.main(["--caches", "fbc:threshold", "--out", str(tmp_path)]) == 2
+    assert "key=value" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_tiny_end_to_end_writes_valid_json(tmp_path, capsys, monkeypatch):
-    from tokprune.calibrate import profile
-
-    # A coarser probe grid keeps profiling (14 calls per step by default) inside the test budget.
-    monkeypatch.setattr(profile, "IMAGE_FRACTIONS", (1 / 4, 1 / 2, 3 / 4))
-    monkeypatch.setattr(profile, "TEXT_FRACTIONS", (1 / 2,))
+def test_tiny_end_to_end_resumes_and_extends(tmp_path, capsys):
     out = tmp_path / "q"
-    rc = quality.main(
-        [
-            "--model",
-            "sd3-tiny",
-            "--n",
-            "2",
-            "--budgets",
-            "0.5",
-            "--methods",
-            "calibrated,cat,random",
-            "--steps",
-            "4",
-            "--max-sequence-length",
-            "16",
-            "--calib-prompts",
-            "2",
-            "--out",
-            str(out),
-            "--quiet",
-        ]
-    )
-    assert rc == 0
+    args = [*TINY, "--budgets", "0.5", "--methods", "cat,interleaved", "--caches", "fbc:threshold=5",
+            "--chunk", "2", "--noise-n", "1", "--out", str(out)]
+    assert quality.main([*args, "--n", "2"]) == 0
     doc = json.loads((out / "quality.json").read_text())
-    assert (out / "quality.png").stat().st_size > 10_000
     md = (out / "quality.md").read_text()
-    assert "tokprune-quality --model sd3-tiny" in md and "## Findings" in md and "| calibrated | 0.50 |" in md
-    assert doc["model"] == "sd3-tiny" and doc["settings"]["call"]["num_inference_steps"] == 4
-    assert "not a trained yardstick" in doc["accuracy_skipped"]  # random weights: no checker accuracy
-    dense = doc["dense"]
-    assert dense["method"] == "dense" and dense["mac_fraction"] == 1.0 and dense["ssim"] == 1.0
-    assert [r["method"] for r in doc["rows"]] == ["calibrated", "cat", "random"]
-    for row in doc["rows"]:
-        assert set(quality.ROW_KEYS) <= set(row)
-        # calibrate() meets the budget within 0.02; CAT's single K on 4 steps only gets close.
-        assert row["budget"] == 0.5 and abs(row["mac_fraction"] - 0.5) <= (0.1 if row["method"] == "cat" else 0.021)
-        assert row["accuracy"] is None and row["per_attribute"] is None
-        assert row["psnr_db"] is not None and math.isfinite(row["psnr_db"]) and row["psnr_db"] > 5
-        assert 0.0 < row["ssim"] < 1.0 and len(row["ssim_per_image"]) == 2
-    rows = {r["method"]: r for r in doc["rows"]}
-    assert rows["random"]["plan"] == rows["calibrated"]["plan"]  # same plan, another policy
-    assert rows["cat"]["plan"]["text_keep"] is None  # CAT never prunes text
-    if not any(0 < k < 256 for k in rows["calibrated"]["plan"]["image_keep"]):  # no step selects image tokens
-        assert rows["random"]["identical_to"] == "calibrated" and rows["random"]["ssim"] == rows["calibrated"]["ssim"]
-        assert "copied rows (random@0.5)" in md and "| random (= calibrated) | 0.50 |" in md
-    else:
-        assert "identical_to" not in rows["random"] and rows["random"]["seconds"] > 0
-    printed = capsys.readouterr().out
-    assert printed.rstrip().splitlines()[-1].startswith("| random")  # the table is printed last
+    assert (out / "quality.png").stat().st_size > 10_000
+    assert "tokprune-quality --model sd3-tiny" in md and "## Findings" in md and "| cat@0.5 |" in md
+    rows = {r["row"]: r for r in doc["aggregate"]["rows"]}
+    assert set(rows) == {"cat@0.5", "interleaved@0.5", "fbc(threshold=5)", "dense-rerun"}
+    for name in ("cat@0.5", "interleaved@0.5"):
+        r = rows[name]
+        assert r["n"] == 2 and abs(r["mac_fraction"] - 0.5) <= 0.05  # 4 steps: few reachable fractions
+        assert r["psnr"]["lo"] <= r["psnr"]["mean"] <= r["psnr"]["hi"] < 100
+    assert rows["fbc(threshold=5)"]["mac_fraction"] < 1.0  # it skipped blocks, counted
+    assert rows["dense-rerun"]["psnr"]["mean"] > 60  # another batch split: (nearly) identical
+    assert doc["versions"]["diffusers"] and doc["wall_time_s"] > 0 and "--n 2" in doc["command"]
+    records = (out / ".work" / "records.jsonl").read_text().splitlines()
+    # Interrupted write: a truncated last line is ignored, and a rerun measures nothing again.
+    (out / ".work" / "records.jsonl").write_text("\n".join(records) + '\n{"kind": "chunk", "row": "cat@0.5", "st')
+    assert quality.main([*args, "--n", "2"]) == 0
+    again = [json.loads(x) for x in (out / ".work" / "records.jsonl").read_text().splitlines()[:-1] if x.strip()]
+    assert sum(r["kind"] == "chunk" for r in again) == sum(json.loads(x)["kind"] == "chunk" for x in records)
+    # A larger --n only runs the new chunk.
+    assert quality.main([*args, "--n", "3"]) == 0
+    final = RunStore(out / ".work", json.loads(records[0])["settings"]).records()
+    starts = sorted((r["row"], r["start"]) for r in final if r["kind"] == "chunk" and r["row"] != "dense-rerun")
+    assert starts == sorted((row, s) for row in ("cat@0.5", "interleaved@0.5", "fbc(threshold=5)") for s in (0, 2))
+    assert json.loads((out / "quality.json").read_text())["aggregate"]["rows"][0]["n"] == 3
+    # Other settings in the same folder are refused, with the flag that fixes it.
+    assert quality.main([*args, "--n", "2", "--seed", "7"]) == 2
+    assert "--fresh" in capsys.readouterr().err
+
+
+def _chunk(row: str, method: str, budget, psnr, iou, start=0, **extra):
+    n = len(psnr)
+    return {"kind": "chunk", "row": row, "method": method, "budget": budget, "start": start, "stop": start + n,
+            "psnr": list(psnr), "iou": list(iou), "ssim": [0.99] * n, "acc": [1.0] * n, "latent_err": [0.01] * n,
+            "seconds": 1.0, **extra}
+
+
+def test_findings_are_computed_from_the_records():
+    rng = np.random.default_rng(0)
+    n = 16
+    cal_p, cat_p = 40 + rng.normal(0, 0.5, n), 36 + rng.normal(0, 0.5, n)
+    recs = [
+        {"kind": "plan", "row": "calibrated@0.3", "plan": {"image_keep": [-1] * 6 + [256] * 20 + [0] * 2,
+                                                            "text_keep": None}, "policy": "cat", "info": {}},
+        {"kind": "macs", "row": "calibrated@0.3", "fraction": 0.305, "analytic": 0.30},
+        {"kind": "macs", "row": "cat@0.3", "fraction": 0.32, "analytic": 0.30},
+        _chunk("calibrated@0.3", "calibrated", 0.3, cal_p, [0.98] * n),
+        _chunk("cat@0.3", "cat", 0.3, cat_p, 0.80 + rng.normal(0, 0.01, n)),
+        _chunk("interleaved@0.3", "interleaved", 0.3, cal_p + 1.0, [0.99] * n),
+        _chunk("dense-rerun", "dense-rerun", None, [100.0] * 4, [1.0] * 4),
+        _chunk("fbc(threshold=0.1)", "fbc", None, cal_p - 3, [0.9] * n, mac_fraction=[0.41] * n),
+    ]
+    recs[-1]["budget"] = None
+    agg = report.aggregate(recs, n)
+    by = {r["row"]: r for r in agg["rows"]}
+    assert by["cat@0.3"]["calibrated_minus_this"]["psnr"]["lo"] > 3.0  # paired difference ~ +4 dB
+    assert by["interleaved@0.3"]["calibrated_minus_this"]["psnr"]["mean"] == pytest.approx(-1.0)
+    text = "\n".join(report.findings(agg))
+    assert "Budget 0.3: calibrated PSNR: LOSES to interleaved@0.3" in text
+    assert "object IoU: LOSES to interleaved@0.3" in text
+    assert "Target PSNR >= 32 dB at 0.3: calibrated" in text and "met" in text
+    assert "cat@0.3 (0.320)" in text  # off the budget by more than 0.01, counted
+    # CAT at 0.3 vs dense, in units of noise: IoU gap 0.2 over a CI half-width ~0.005 -> tens of times.
+    sep = next(f for f in report.findings(agg) if f.startswith("Separation, cat@0.3"))
+    ratio = float(sep.split("from dense = ")[1].split("x")[0])
+    assert ratio > 10
+    assert "fbc(threshold=0.1): counted MAC fraction 0.410" in text
+    assert by["fbc(threshold=0.1)"]["mac_fraction"] == pytest.approx(0.41)
+    md_table = report.table(agg)
+    assert "| cat@0.3 | 0.320 |" in md_table

@@ -13,6 +13,18 @@ compared on a task metric.
 - :mod:`~tokprune.yardstick.evaluate` ``evaluate(pipe, n=64) -> {"mean": ..., "position": ..., ...}``
 - :mod:`~tokprune.yardstick.pack`     move a model directory through per-file size limits
 
+The comparison (``tokprune-quality``), one job per module:
+
+- :mod:`~tokprune.yardstick.metrics`  PSNR / SSIM (tokprune's only copy), per-object mask IoU, bootstrap intervals
+- :mod:`~tokprune.yardstick.counting` transformer MACs counted while they run (``MacCounter``)
+- :mod:`~tokprune.yardstick.caches`   diffusers' TaylorSeer / MagCache / first-block cache on SD3 (adapters)
+- :mod:`~tokprune.yardstick.runs`     dense / planned / cached runs of one chunk of captions, decoding
+- :mod:`~tokprune.yardstick.rows`     the rows: calibrated, cat, ras, interleaved, random, caches
+- :mod:`~tokprune.yardstick.store`    resumable records (append-only JSONL)
+- :mod:`~tokprune.yardstick.driver`   the work loop (prepare once, then chunk by chunk)
+- :mod:`~tokprune.yardstick.report`   means, intervals, findings, markdown, plot
+- :mod:`~tokprune.yardstick.quality`  the ``tokprune-quality`` command
+
 Heavy dependencies (diffusers, transformers) are imported inside functions.
 """
 

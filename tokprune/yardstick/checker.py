@@ -151,6 +151,19 @@ def _classify_shape(component: np.ndarray, bbox: tuple[int, int, int, int]) -> t
     return best
 
 
+def cell_component(labels: np.ndarray, row: int, col: int, mask: np.ndarray) -> np.ndarray:
+    """Largest 4-connected component of ``mask`` inside grid cell ``(row, col)``, as an image-sized bool mask.
+
+    The checker's object segmentation: ``mask = labels > 0`` gives the cell's object; ``labels == c``
+    its component of palette colour ``c`` (used by the fidelity metric's per-object IoU).
+    """
+    ys = slice(CELL_EDGES[row], CELL_EDGES[row + 1])
+    xs = slice(CELL_EDGES[col], CELL_EDGES[col + 1])
+    out = np.zeros(labels.shape, dtype=bool)
+    out[ys, xs] = _largest_component(mask[ys, xs])
+    return out
+
+
 def read_cell(labels: np.ndarray, row: int, col: int) -> Reading:
     """What cell ``(row, col)`` of a palette-label map shows."""
     cell = labels[CELL_EDGES[row] : CELL_EDGES[row + 1], CELL_EDGES[col] : CELL_EDGES[col + 1]]
