@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from tokprune.console import add_common, run_cli
 
@@ -122,8 +123,8 @@ def _run(args: argparse.Namespace) -> int:
     from tokprune.calibrate.api import calibrate, check_inputs
     from tokprune.calibrate.plot import plot_schedule
     from tokprune.calibrate.prompts import load_prompts
-    from tokprune.errors import ConfigError
-    from tokprune.fsutil import check_output_dir, check_output_file, read_text_input
+    from tokprune.errors import ConfigError, ScheduleError, ShapeError
+    from tokprune.fsutil import atomic_output, check_output_dir, check_output_file, read_text_input
     from tokprune.models import load_pipeline
 
     if args.num_prompts < 0:
@@ -152,7 +153,38 @@ def _run(args: argparse.Namespace) -> int:
         max_sequence_length=args.max_sequence_length,
         reuse=args.reuse,
     )
-    sched = calibrate(
+    made_ckpt = not ckpt.exists()
+    try:
+        sched = _calibrate(calibrate, pipe, prompts, args, ckpt)
+    except (ConfigError, ShapeError, ScheduleError):
+        if made_ckpt:  # a refusal leaves nothing behind that this run made
+            shutil.rmtree(ckpt, ignore_errors=True)
+        raise
+    sched.save(out)
+    png = out.with_suffix(".png")
+    with atomic_output(png) as tmp:  # an interrupt or a full disk leaves no half-written plot
+        plot_schedule(sched, tmp)
+    cat = sched.stats.get("cat_reference")
+    lines = [
+        f"schedule   {out}  ({sched.key})",
+        f"plot       {png}",
+        f"budget     {sched.budget:.3f}  achieved mac_fraction {sched.mac_fraction:.4f}",
+        f"warm-up    {sched.stats['warmup']} dense steps of {sched.steps}",
+        f"buckets    {', '.join(b.key for b in sched.buckets)}",
+        f"plan       {' '.join('R' if e == 'reuse' else e for e in sched.plan)}",
+        f"error      {sched.stats['predicted_error']:.4f} on the calibration prompts"
+        + (f"  (CAT's fixed schedule at {cat['mac_fraction']:.3f}: {cat['error']:.4f})" if cat else ""),
+    ]
+    held = sched.stats.get("holdout")
+    if held:
+        lines.append(f"held-out   error {held['error']:.4f}, {held['psnr_db']:.1f} dB PSNR vs dense "
+                     f"({held['num_prompts']} prompts)")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _calibrate(calibrate: Any, pipe: Any, prompts: Any, args: argparse.Namespace, ckpt: Path) -> Any:
+    return calibrate(
         pipe,
         budget=args.budget,
         steps=args.steps,
@@ -175,25 +207,6 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         **_checkpoint(calibrate, ckpt),
     )
-    sched.save(out)
-    png = plot_schedule(sched, out.with_suffix(".png"))
-    cat = sched.stats.get("cat_reference")
-    lines = [
-        f"schedule   {out}  ({sched.key})",
-        f"plot       {png}",
-        f"budget     {sched.budget:.3f}  achieved mac_fraction {sched.mac_fraction:.4f}",
-        f"warm-up    {sched.stats['warmup']} dense steps of {sched.steps}",
-        f"buckets    {', '.join(b.key for b in sched.buckets)}",
-        f"plan       {' '.join('R' if e == 'reuse' else e for e in sched.plan)}",
-        f"error      {sched.stats['predicted_error']:.4f} on the calibration prompts"
-        + (f"  (CAT's fixed schedule at {cat['mac_fraction']:.3f}: {cat['error']:.4f})" if cat else ""),
-    ]
-    held = sched.stats.get("holdout")
-    if held:
-        lines.append(f"held-out   error {held['error']:.4f}, {held['psnr_db']:.1f} dB PSNR vs dense "
-                     f"({held['num_prompts']} prompts)")
-    sys.stdout.write("\n".join(lines) + "\n")
-    return 0
 
 
 def _checkpoint(calibrate: object, ckpt: Path) -> dict:
