@@ -161,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
             shutil.rmtree(ckpt, ignore_errors=True)
         raise
     sched.save(out)
+    _tidy_checkpoints(ckpt, explicit=args.checkpoint_dir is not None)
     png = out.with_suffix(".png")
     with atomic_output(png) as tmp:  # an interrupt or a full disk leaves no half-written plot
         plot_schedule(sched, tmp)
@@ -207,6 +208,21 @@ def _calibrate(calibrate: Any, pipe: Any, prompts: Any, args: argparse.Namespace
         progress=not args.quiet,
         **_checkpoint(calibrate, ckpt),
     )
+
+
+def _tidy_checkpoints(ckpt: Path, *, explicit: bool) -> None:
+    """After success: the default checkpoint dir goes when it holds only the calibration's own files
+    (the schedule now holds the result); an explicit --checkpoint-dir is the user's and stays."""
+    from tokprune.calibrate import checkpoint
+
+    own = {getattr(checkpoint, "FILE", "rollouts.jsonl")}
+    if explicit or not ckpt.is_dir():
+        return
+    names = {p.name for p in ckpt.iterdir()}
+    if names <= own:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    else:
+        logger.info("kept %s: it holds files the calibration did not write (%s)", ckpt, ", ".join(sorted(names - own)))
 
 
 def _checkpoint(calibrate: object, ckpt: Path) -> dict:

@@ -420,6 +420,8 @@ def test_calibrate_interrupted_resumes_from_its_checkpoint_dir(tmp_path, monkeyp
     assert "2 measured runs reused" in capsys.readouterr().err
     assert calibrate_main([*flags, "--out", str(tmp_path / "t.json"), "--checkpoint-dir", str(tmp_path / "t.ckpt")]) == 0
     assert (tmp_path / "s.json").read_bytes() == (tmp_path / "t.json").read_bytes()
+    assert not (tmp_path / "s.calibration").exists()  # the default checkpoint dir goes after success
+    assert (tmp_path / "t.ckpt" / "rollouts.jsonl").is_file()  # an explicit --checkpoint-dir stays
 
 
 @needs_checkpoints
