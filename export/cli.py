@@ -96,7 +96,14 @@ def build_main(argv: Sequence[str] | None = None) -> int:
         from tokprune.export.manifest import load_manifest
         from tokprune.export.tensorrt import build_engines
 
+        from tokprune.errors import ManifestError
+        from tokprune.export.manifest import verify
+
         load_manifest(args.directory)  # not an export: say so before anything about TensorRT
+        edited = [p for p in verify(args.directory) if p.startswith("manifest:")]
+        if edited:  # a rebuild rewrites the manifest: never bless an edited one
+            raise ManifestError(f"{args.directory}: {'; '.join(edited)}; re-export it (tokprune-inspect "
+                                f"{args.directory} --verify lists every problem)")
         engines = build_engines(args.directory, opt_level=args.opt_level, progress=not args.quiet, rebuild=args.rebuild)
         print(f"{args.directory}: engines built with TensorRT {engines['tensorrt']} on {engines['gpu']['name']}")
         return 0
@@ -183,7 +190,12 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
             print(format_manifest(manifest, io=args.io))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited manifest
             if not args.verify:
-                raise
+                from tokprune.errors import ManifestError
+
+                raise ManifestError(
+                    f"{args.directory}/manifest.json cannot be shown ({type(exc).__name__}: {exc}): a field is missing "
+                    f"or malformed; tokprune-inspect {args.directory} --verify names what changed"
+                ) from None
             print(f"(the manifest cannot be shown in full: {type(exc).__name__}: {exc})")
         if not args.verify:
             return 0

@@ -453,3 +453,41 @@ def test_a_real_sigint_during_calibration(tmp_path, capsys):
     assert not (tmp_path / "s.json").exists()
     assert calibrate_main([*flags, "--log-level", "info"]) == 0
     assert "measured runs reused" in capsys.readouterr().err and (tmp_path / "s.json").is_file()
+
+
+def test_inspect_a_manifest_missing_a_field_without_verify(baseline, tmp_path, capsys):
+    d = _tampered(baseline, tmp_path, lambda m: m["versions"].pop("torch"))
+    assert inspect_main([str(d)]) == 1
+    one_line_error(capsys.readouterr().err, "manifest.json cannot be shown", "--verify")
+    assert inspect_main([str(d), "--verify"]) == 1
+    assert "field versions.torch was removed after export" in capsys.readouterr().err
+
+
+def test_build_refuses_an_edited_manifest_before_rewriting_it(baseline, tmp_path, capsys):
+    d = _tampered(baseline, tmp_path, lambda m: m.__setitem__("steps", 5))
+    before = (d / "manifest.json").read_bytes()
+    assert build_main([str(d)]) == 1
+    one_line_error(capsys.readouterr().err, "field steps was edited", "re-export")
+    assert (d / "manifest.json").read_bytes() == before
+
+
+# ---- schedule.json: the same run gives the same content hash ----------------------------------------------------
+def test_schedule_hash_ignores_diffusers_private_scheduler_keys(schedules, tmp_path):
+    from tokprune.calibrate.schedule import Schedule, canonical_json
+
+    base = Schedule.load(schedules["two"])
+    body = base.to_dict(include_hash=False)
+    a = Schedule.from_dict({**body, "content_hash": base.content_hash})
+    variants = []
+    for order in (["shift", "base_shift"], ["base_shift", "shift"]):
+        cfg = {**body["scheduler_config"], "_use_default_values": order, "_class_name": "X", "_diffusers_version": "0"}
+        variants.append(Schedule(**{**{k: getattr(a, k) for k in body}, "scheduler_config": cfg}))
+    assert variants[0].content_hash == variants[1].content_hash == a.content_hash
+    assert variants[0].to_json() == a.to_json()
+    # a schedule file written before the private keys were dropped still loads
+    import hashlib
+
+    legacy = {**body, "scheduler_config": {**body["scheduler_config"], "_use_default_values": ["b", "a"]}}
+    legacy["content_hash"] = hashlib.sha256(canonical_json(legacy).encode("ascii")).hexdigest()
+    (tmp_path / "old.json").write_text(json.dumps(legacy))
+    assert Schedule.load(tmp_path / "old.json").content_hash == a.content_hash
