@@ -63,6 +63,8 @@ _NOISE = (
     ("transformers", "torchvision is not available"),
     ("diffusers", "should be kept in float32: []"),
     ("accelerate", ""),
+    ("diffusers", "because `accelerate` was not found"),
+    ("transformers", "`accelerate` is not installed"),
     ("diffusers", "Keyword arguments {'torch_dtype'"),
 )
 # Prompt truncation: dropped and counted; one note at the end of the command.
@@ -139,6 +141,15 @@ class _Formatter(logging.Formatter):
         return msg
 
 
+class _ParagraphHelp(argparse.HelpFormatter):
+    """Wraps each paragraph (blank-line separated) on its own, so the epilog's example and the exit
+    status stay apart while long descriptions are still wrapped."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        fill = super()._fill_text
+        return "\n\n".join([fill(part, width, indent) for part in text.split("\n\n")])
+
+
 def add_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--quiet``, ``--debug``, ``--log-level`` and the exit-status epilog. Returns ``parser``."""
     group = parser.add_argument_group("output")
@@ -147,7 +158,8 @@ def add_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,
                        help="log level of tokprune's messages (default info; --quiet: warning; --debug: debug)")
     parser.epilog = f"{parser.epilog}\n\n{EXIT_CODES_EPILOG}" if parser.epilog else EXIT_CODES_EPILOG
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    if parser.formatter_class is argparse.HelpFormatter:
+        parser.formatter_class = _ParagraphHelp
     return parser
 
 
@@ -271,6 +283,8 @@ def run_cli(
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, already printed by argparse)
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_BAD_INPUT
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - even here: one line, no traceback
+        return report(prog, exc, debug=argv is not None and "--debug" in argv)
     debug = bool(getattr(args, "debug", False))
     setup(prog, quiet=bool(getattr(args, "quiet", False)), debug=debug, log_level=getattr(args, "log_level", None))
     try:
