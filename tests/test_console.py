@@ -136,3 +136,5 @@ def test_console_main_decorator_for_a_main_that_parses_its_own_arguments(capsys)
     assert main(["--n", "0"]) == 2 and "tokprune-quality: error: --n 0; expected >= 1" in capsys.readouterr().err
     assert main(["--n", "x"]) == 2
     assert main([]) == 130
+    assert main(["--debug", "--log-level", "info", "--n", "0"]) == 2  # shared flags taken out before its parser
+    assert "Traceback" in capsys.readouterr().err

@@ -302,9 +302,10 @@ def run_cli(
 def console_main(prog: str, *, interrupted_hint: str = "") -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Decorator for a ``main(argv=None) -> int`` that parses its own arguments.
 
-    It gets the shared logging set-up and warning filters (``--debug`` / ``--quiet`` are read from
-    ``argv`` when present) and the one error path: one line, exit 2 bad input, 1 failure, 130
-    interrupted, the traceback only with ``--debug``. Example::
+    It gets the shared logging set-up and warning filters and the one error path: one line, exit 2
+    bad input, 1 failure, 130 interrupted, the traceback only with ``--debug``. ``--debug`` and
+    ``--log-level LEVEL`` are taken out of ``argv`` before ``main`` sees them (its parser need not
+    know them); ``--quiet`` is read and left in. Example::
 
         @console_main("tokprune-quality")
         def main(argv=None) -> int: ...
@@ -315,9 +316,15 @@ def console_main(prog: str, *, interrupted_hint: str = "") -> Callable[[Callable
         def main(argv: Sequence[str] | None = None) -> int:
             words = list(sys.argv[1:] if argv is None else argv)
             debug = "--debug" in words
-            setup(prog, quiet="--quiet" in words, debug=debug)
+            words = [w for w in words if w != "--debug"]
+            level = None
+            if "--log-level" in words[:-1]:
+                i = words.index("--log-level")
+                level = words[i + 1] if words[i + 1] in ("debug", "info", "warning", "error") else None
+                del words[i:i + 2]
+            setup(prog, quiet="--quiet" in words, debug=debug, log_level=level)
             try:
-                code = fn(argv)
+                code = fn(words)
                 _truncation_note()
                 return EXIT_OK if code is None else int(code)
             except SystemExit as exc:
