@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import math
 import os
 import platform
 import signal
@@ -175,7 +176,7 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     xs = sorted(values)
 
     def pct(p: float) -> float:  # nearest-rank
-        k = max(0, min(len(xs) - 1, int(round(p / 100 * len(xs) + 0.5)) - 1))
+        k = max(0, min(len(xs) - 1, math.ceil(p / 100 * len(xs)) - 1))
         return round(xs[k], 1)
 
     return {"p50": pct(50), "p95": pct(95), "p99": pct(99), "mean": round(statistics.fmean(xs), 1),

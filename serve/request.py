@@ -54,6 +54,9 @@ class BadRequest(ConfigError):
         self.status = status
         super().__init__("; ".join(p.message() for p in self.problems))
 
+    def __reduce__(self) -> Any:  # crosses Ray's process boundary (handle API) intact
+        return (BadRequest, (self.problems, self.status))
+
     def to_json(self) -> dict[str, Any]:
         return {"error": "bad request", "status": self.status, "message": str(self),
                 "problems": [p.to_json() for p in self.problems]}

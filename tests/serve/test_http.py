@@ -164,3 +164,12 @@ def test_parse_request_accepts_integral_floats_and_explicit_defaults():
         parse_request({"prompt": "a", "guidance": 3}, no_cfg)
     assert "1 latent per image" in str(err.value) and "--guidance 7" in str(err.value)
     assert parse_request({"prompt": "a", "guidance": 0.0}, Limits(64, 64, 4, 1.0, cfg=False, images_per_call=1)).guidance == 0.0
+
+
+def test_bad_request_survives_pickling_with_its_problems():
+    import pickle
+
+    with pytest.raises(BadRequest) as err:
+        parse_request({"prompt": "", "seed": -1}, LIMITS)
+    back = pickle.loads(pickle.dumps(err.value))
+    assert back.status == 422 and [p.field for p in back.problems] == ["prompt", "seed"] and str(back) == str(err.value)

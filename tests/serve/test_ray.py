@@ -54,6 +54,9 @@ def test_http_and_handle_give_the_in_process_image(served, generator):
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), np.asarray(Image.open(io.BytesIO(want.png))))
     out = handle.generate.remote({"prompt": "a red circle", "seed": 5}).result()
     assert out["png"] == r.content and out["retries"] == 0
+    with pytest.raises(Exception) as err:  # the handle API raises the same BadRequest (Ray wraps it)
+        handle.generate.remote({"prompt": "", "seed": -2}).result()
+    assert "prompt: got ''" in str(err.value) and "seed: got -2" in str(err.value)
 
 
 def test_bad_requests_and_probes_through_ray(served):
