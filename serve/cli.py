@@ -62,12 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def preflight(directory: Path) -> list[str]:
-    """The problems ``tokprune-inspect --verify`` reports for ``directory`` (empty: it may be served)."""
-    from tokprune.export.manifest import load_manifest, verify
+def preflight(directory: Path) -> tuple[list[str], list[str]]:
+    """``(problems, notes)`` as ``tokprune-inspect --verify`` reports them for ``directory`` (no problems: servable)."""
+    from tokprune.export import manifest as manifest_module
 
-    load_manifest(directory)  # raises ManifestError (missing / invalid manifest), as tokprune-inspect does
-    return list(verify(directory))
+    manifest_module.load_manifest(directory)  # raises ManifestError (missing / invalid manifest), as tokprune-inspect does
+    report = getattr(manifest_module, "verify_report", None)
+    if report is not None:
+        problems, notes = report(directory)
+        return list(problems), list(notes)
+    return list(manifest_module.verify(directory)), []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,7 +110,9 @@ def _serve(args: argparse.Namespace) -> int:
     from tokprune.serve.request import Limits
 
     directory = args.directory.resolve()
-    problems = preflight(directory)
+    problems, notes = preflight(directory)
+    for note in notes:
+        print(f"note: {note}")
     if problems:
         for line in problems:
             print(f"{PROG}: {line}", file=sys.stderr)

@@ -135,13 +135,14 @@ def write_repository(
     ``gpu``: instance kind of the ONNX models and of the BLS model (plans always run on the GPU).
     The export is verified first (sha256 of every file, as ``tokprune-inspect --verify``).
     """
-    from tokprune.export.manifest import load_manifest, verify
+    from tokprune.export.manifest import load_manifest
+    from tokprune.serve.cli import preflight
 
     directory, out = Path(directory).resolve(), Path(out)
     if prefer not in ("auto", "onnx", "tensorrt"):
         raise ConfigError(f"--prefer: got {prefer!r}, expected auto, onnx or tensorrt")
     manifest = load_manifest(directory)
-    problems = verify(directory)
+    problems, _ = preflight(directory)
     if problems:
         raise ManifestError(f"{directory} does not match its manifest: " + "; ".join(problems)
                             + ". Re-export with tokprune-export ... --force (tokprune-inspect --verify lists the same)")

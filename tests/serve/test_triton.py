@@ -3,7 +3,6 @@ in-process stand-in of the Python backend) produces exactly the runtime's image.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
