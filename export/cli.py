@@ -39,7 +39,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="denoising steps (default 28)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.0; > 1 doubles the batch)")
     p.add_argument("--prompts", help="calibration prompts, one per line (default: the built-in set)")
-    p.add_argument("--num-prompts", type=int, default=16, help="calibration prompts used (default 16)")
+    p.add_argument("--num-prompts", type=int, default=4, help="calibration prompts measured as whole runs (default 4)")
     p.add_argument("--max-buckets", type=int, default=4, help="static shapes, the dense one included (default 4)")
     p.add_argument("--policy", default="cat", help="token selection policy the runtime will use (default cat)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights/activations dtype")

@@ -87,7 +87,7 @@ class ExportConfig:
     steps: int | None = None
     guidance: float | None = None
     prompts_file: str | None = None
-    num_prompts: int | None = 16
+    num_prompts: int | None = 4  # as calibrate(): 4 measured + 2 held-out prompts
     max_buckets: int = 4
     policy: str = "cat"
     precision: Precision = Precision.FP32
