@@ -63,8 +63,14 @@ def is_export(out: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT
 
 
+def _tokprune_own(name: str) -> bool:
+    """Hidden names tokprune itself writes inside an export (state, temporary and swap files)."""
+    return name == ".export-state.json" or name.startswith((".tokprune-", ".manifest.")) or ".tmp" in name
+
+
 def user_files(out: Path) -> list[str]:
-    """Entries of an export directory its manifest does not vouch for (hidden files excluded)."""
+    """Entries of an export directory its manifest does not vouch for (hidden ones included: a
+    ``.git`` or ``.notes`` there is the user's; tokprune's own temporary names excepted)."""
     from tokprune.export.manifest import load_manifest
 
     try:
@@ -75,7 +81,7 @@ def user_files(out: Path) -> list[str]:
     extra = []
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out).as_posix()
-        if p.name.startswith(".") or rel in known or (p.is_dir() and rel in dirs):
+        if _tokprune_own(p.name) or rel in known or (p.is_dir() and rel in dirs):
             continue
         if p.is_dir() and any(k.startswith(rel + "/") for k in known):
             continue

@@ -157,6 +157,17 @@ def test_out_dot_exports_into_the_current_directory_and_force_replaces_it(schedu
     assert entries(tmp_path) == ["here"] and not any(n.startswith(".tokprune-old") for n in entries(here))
 
 
+def test_force_keeps_hidden_user_files_in_an_export(baseline, schedules, tmp_path, capsys):
+    out = tmp_path / "two"
+    shutil.copytree(baseline, out)
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    assert export(out, schedules["dense"], "--force") == 2
+    one_line_error(capsys.readouterr().err, "did not write (.git/", "move them away")
+    assert (out / ".git" / "HEAD").read_text() == "ref: refs/heads/main" and (out / "manifest.json").is_file()
+    assert entries(tmp_path) == ["two"]
+
+
 def test_out_dot_in_a_folder_of_user_files_is_refused(schedules, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "thesis.tex").write_text("t")
