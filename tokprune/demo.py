@@ -91,7 +91,10 @@ def _grid(rows: list[tuple[str, Any]], prompts: list[str], path: Path) -> None:
             tile = Image.fromarray((np.clip(img, 0, 1) * 255).round().astype("uint8"))
             canvas.paste(tile, (label_w + j * (w + pad), y))
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    from tokprune.fsutil import atomic_output
+
+    with atomic_output(path) as tmp:  # no half-written grid on an interrupt or a full disk
+        canvas.save(tmp)
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -184,7 +187,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result[f"accuracy_{name}"] = float(score([img for img in imgs], specs)["mean"])
     _grid([("dense", dense), (f"pruned\nb={args.budget:g}", pruned)], shown, args.report / "grid.png")
     table = _table(result)
-    (args.report / "speed.md").write_text(table + "\n")
+    from tokprune.fsutil import atomic_write_text
+
+    atomic_write_text(args.report / "speed.md", table + "\n")
     print(table)
     print(f"\ngrid: {args.report / 'grid.png'}   engines: {out}   (tokprune-inspect {out} --verify)")
     return result
