@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections import OrderedDict
@@ -64,6 +65,47 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """(P,) float64 ``||x - ref|| / ||ref||`` per sample of (P, ...) tensors."""
     d = (x.double() - ref.double()).flatten(1).norm(dim=1)
     return d / ref.double().flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+@contextlib.contextmanager
+def _quiet_truncation(pipe: Any, prompts: Sequence[str], max_sequence_length: int):
+    """Encode without diffusers' per-prompt truncation warnings; one counted note instead.
+
+    Prompts are truncated exactly as the pipeline truncates them (CLIP: 77 tokens, T5:
+    ``max_sequence_length``); only the noise goes.
+    """
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    counts = []
+    for tok, limit in ((getattr(pipe, "tokenizer", None), None), (getattr(pipe, "tokenizer_3", None), max_sequence_length)):
+        if tok is None:
+            continue
+        limit = limit or int(tok.model_max_length)
+        with _silenced(tlog):
+            lengths = [len(ids) for ids in tok(list(prompts), add_special_tokens=True).input_ids]
+        counts.append(sum(n > limit for n in lengths))
+    d_level, t_level = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(d_level)
+        tlog.set_verbosity(t_level)
+    if counts and max(counts):
+        logger.info("%d of %d calibration prompts are longer than the text encoders take and were truncated, as the "
+                    "pipeline truncates them", max(counts), len(prompts))
+
+
+@contextlib.contextmanager
+def _silenced(tlog: Any):
+    level = tlog.get_verbosity()
+    tlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
 
 
 @dataclass
@@ -176,15 +218,16 @@ class Rollouts:
         from tokprune.pruning.text import special_token_mask
 
         pipe = self.pipe
-        pos, neg, pooled, neg_pooled = pipe.encode_prompt(
-            prompt=self.prompts,
-            prompt_2=None,
-            prompt_3=None,
-            device=self.device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=self.cfg,
-            max_sequence_length=self.max_sequence_length,
-        )
+        with _quiet_truncation(pipe, self.prompts, self.max_sequence_length):
+            pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+                prompt=self.prompts,
+                prompt_2=None,
+                prompt_3=None,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=self.cfg,
+                max_sequence_length=self.max_sequence_length,
+            )
         mask = special_token_mask(pipe, self.prompts, max_sequence_length=self.max_sequence_length)
         if self.cfg:
             self.encoder_hidden_states = torch.cat([neg, pos])

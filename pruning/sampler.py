@@ -146,6 +146,21 @@ class TokenPruner:
         idx = getattr(self.scheduler, "step_index", None)
         return 0 if idx is None else int(idx)
 
+    def _check_scheduler_steps(self) -> None:
+        """At the start of a run: the scheduler's step count must be the plan's (a shorter call would
+        silently run the first steps of a longer plan)."""
+        sched = self.scheduler
+        if sched is None:
+            return
+        n = getattr(sched, "num_inference_steps", None)
+        if n is None and getattr(sched, "timesteps", None) is not None:
+            n = len(sched.timesteps)
+        if n is not None and int(n) != self.plan.num_steps:
+            raise ConfigError(
+                f"the pipeline runs {int(n)} denoising steps but the plan has {self.plan.num_steps}; call it with "
+                f"num_inference_steps={self.plan.num_steps}, or apply a plan of {int(n)} steps"
+            )
+
     def allocate_caches(self, geometry: Geometry, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The per-block caches of one run (override to pool them, as the runtime does)."""
         return {
@@ -226,6 +241,7 @@ class TokenPruner:
                 f"call the pipeline with num_inference_steps={self.plan.num_steps} or give a plan of matching length"
             )
         if st is None:
+            self._check_scheduler_steps()
             st = self.state = self.begin(geometry, hidden_states.device, hidden_states.dtype)
         st.step = step
 

@@ -111,6 +111,8 @@ def test_wrong_step_count_is_refused(pipe):
     try:
         with pytest.raises(ConfigError, match="num_inference_steps=4"):
             _generate(pipe, ["a red circle"], steps=STEPS + 2)
+        with pytest.raises(ConfigError, match="runs 2 denoising steps but the plan has 4"):
+            _generate(pipe, ["a red circle"], steps=2)  # a shorter call must not run a plan's first steps
     finally:
         pruning.remove(pipe)
 
