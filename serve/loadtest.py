@@ -248,9 +248,20 @@ def summarize(outcomes: Sequence[Outcome], seconds: float) -> dict[str, Any]:
 
 
 def machine_state() -> dict[str, Any]:
+    """CPU count, load average and the busiest processes (other people's jobs share this machine)."""
     load = os.getloadavg()
-    return {"cpus": os.cpu_count(), "loadavg_1_5_15": [round(x, 2) for x in load], "platform": platform.platform(),
-            "python": platform.python_version(), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    busy: list[str] = []
+    try:
+        ps = subprocess.run(["ps", "-eo", "pcpu,rss,comm,args", "--sort=-pcpu"], capture_output=True, text=True, timeout=10)
+        for line in ps.stdout.splitlines()[1:6]:
+            parts = line.split(None, 3)
+            if len(parts) == 4:
+                busy.append(f"{parts[0]}% cpu, {int(parts[1]) // 1024} MiB: {parts[3][:90]}")
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    return {"cpus": os.cpu_count(), "loadavg_1_5_15": [round(x, 2) for x in load], "busiest": busy,
+            "platform": platform.platform(), "python": platform.python_version(),
+            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -274,6 +285,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict[str, Any] = {"command": " ".join(["python -m tokprune.serve.loadtest", *(argv or sys.argv[1:])]),
                               "server_command": " ".join(["tokprune-serve", *server.cmd[3:]]),
                               "machine_before": machine_state()}
+    try:
+        manifest = json.loads((args.directory / "manifest.json").read_text())
+        report["export_command"] = manifest.get("command")
+        report["export"] = {k: manifest.get(k) for k in ("height", "width", "steps", "guidance", "budget", "step_buckets")}
+    except (OSError, ValueError):
+        pass
     t_all = time.perf_counter()
     try:
         report["startup_s"] = round(server.start(), 1)
@@ -348,7 +365,10 @@ def _write_markdown(path: Path, r: dict[str, Any]) -> None:
     lines = [
         "# tokprune-serve load and fault test", "",
         f"Command: `{r['command']}`  ", f"Server: `{r['server_command']}`  ",
-        f"Machine before: {r['machine_before']}  ", f"Machine after: {r['machine_after']}  ",
+        f"Export: `{r.get('export_command')}` ({r.get('export')})  ", "",
+        f"Machine before: {r['machine_before']['cpus']} CPUs, load average {r['machine_before']['loadavg_1_5_15']}, "
+        f"busiest processes: {r['machine_before']['busiest']}  ",
+        f"Machine after: load average {r['machine_after']['loadavg_1_5_15']}, busiest: {r['machine_after']['busiest']}  ",
         f"Total wall time: {r['total_wall_s']} s (server start {r['startup_s']} s)", "",
         "## Load", "",
         "| requests | clients | ok | failed | lost | wall | throughput | p50 | p95 | p99 |",
