@@ -42,6 +42,8 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=4, help="calibration prompts measured as whole runs (default 4)")
     p.add_argument("--max-buckets", type=int, default=4, help="static shapes, the dense one included (default 4)")
     p.add_argument("--policy", default="cat", help="token selection policy the runtime will use (default cat)")
+    p.add_argument("--no-reuse-steps", action="store_true",
+                   help="calibrate token pruning only: never replace a whole step by the previous prediction")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights/activations dtype")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "tensorrt"],
                    help="auto: engines when TensorRT + GPU are here, else ONNX only; tensorrt: fail without them")
@@ -61,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = ExportConfig(
             model=args.model, budget=args.budget, height=args.height, width=args.width, steps=args.steps,
             guidance=args.guidance, prompts_file=args.prompts, num_prompts=args.num_prompts,
-            max_buckets=args.max_buckets, policy=args.policy, precision=args.precision, backend=args.backend,
+            max_buckets=args.max_buckets, policy=args.policy, allow_reuse=not args.no_reuse_steps,
+            precision=args.precision, backend=args.backend,
             schedule_file=args.schedule,
         )
         argv_list = list(sys.argv[1:] if argv is None else argv)

@@ -90,6 +90,7 @@ class ExportConfig:
     num_prompts: int | None = 4  # as calibrate(): 4 measured + 2 held-out prompts
     max_buckets: int = 4
     policy: str = "cat"
+    allow_reuse: bool = True  # False: calibration prunes tokens only, never reuses a whole step
     precision: Precision = Precision.FP32
     backend: Backend = Backend.AUTO
     schedule_file: str | None = None
@@ -331,6 +332,7 @@ def _identity(config: ExportConfig, source: Any, pipe: Any, settings: dict[str, 
         "policy": config.policy,
         "prompts_sha256": prompts_sha,
         "num_prompts": config.num_prompts,
+        "allow_reuse": config.allow_reuse,
         "schedule_sha256": schedule.content_hash if schedule is not None else None,
         "precision": config.precision.value,
         "max_sequence_length": _max_sequence_length(config, pipe),
@@ -421,6 +423,12 @@ def _export_into(
         _write_json_atomic(work / STATE_FILE, state)  # commit: this bucket survives an interruption
         exported.append(spec.key)
     bar.close()
+    if _wants_graph(specs) and not _graph_done(work, state.get("graph"), specs):
+        from tokprune.export.dynamic import export_graph_into  # one dynamic-K graph for all buckets (weights once)
+
+        state["graph"] = export_graph_into(work, specs, model, store, opset=config.opset, seed=config.seed)
+        state["weights"] = store.state()
+        _write_json_atomic(work / STATE_FILE, state)
     shutil.rmtree(work / "raw", ignore_errors=True)
 
     manifest = _manifest(work, state, config, source, pipe, schedule, specs, store, model, command)
@@ -442,6 +450,17 @@ def _export_into(
                 f"host with TensorRT >= 10.9: {trt.build_command(work)}"
             )
     return ExportResult(work, manifest, engines_built, message, exported=exported, reused=reused)
+
+
+def _wants_graph(specs: list[BucketSpec]) -> bool:
+    """The dynamic graph (:mod:`.dynamic`) is exported when two or more buckets could share it."""
+    return sum(not s.record_text for s in specs) >= 2
+
+
+def _graph_done(work: Path, entry: dict[str, Any] | None, specs: list[BucketSpec]) -> bool:
+    """An interrupted run's graph is reused only if it serves exactly these buckets and re-hashes."""
+    keys = [s.key for s in specs if not s.record_text]
+    return entry is not None and [p["bucket"] for p in entry["profiles"]] == keys and _intact(work, entry["file"])
 
 
 def _intact(directory: Path, entry: dict[str, Any]) -> bool:
@@ -471,6 +490,7 @@ def _schedule_step(work, state, config, source, pipe, settings, schedule_in, *, 
             pipe, budget=settings["budget"], steps=settings["steps"], prompts=prompts, height=settings["height"],
             width=settings["width"], guidance=settings["guidance"], max_buckets=config.max_buckets, policy=config.policy,
             num_prompts=config.num_prompts, seed=config.seed, max_sequence_length=_max_sequence_length(config, pipe),
+            allow_reuse=config.allow_reuse,
             model=config.model, progress=progress, **checkpoint_kwargs(calibrate, work / CALIBRATION_DIR),
         )
     schedule.save(path)
@@ -591,6 +611,7 @@ def _manifest(work, state, config, source, pipe, schedule, specs, store, model, 
         },
         "buckets": buckets,
         "step_buckets": step_buckets,
+        "graph": state.get("graph") if _wants_graph(specs) else None,  # the single dynamic-K graph (export/dynamic.py)
         "engines": None,
         "export_config": state["identity"],
     }

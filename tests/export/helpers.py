@@ -59,7 +59,7 @@ class OrtSampler:
             g = next(iter(self.specs.values())).geometry
             self.caches = {n: torch.zeros(s) for n, s in g.cache_specs(self.manifest.reuse).items()}
             self.prev, self.text_importance = None, None
-            self.policy.reset(batch=g.batch, grid=g.grid)
+            self.policy.reset(batch=g.batch // 2, grid=g.grid)  # CFG: one selection per prompt
         key = self.steps[step]
         self.calls.append(key)
         if key is None:
@@ -70,7 +70,8 @@ class OrtSampler:
             if spec.dense:  # as the eager sampler: all tokens, in order, without asking the policy
                 idx = torch.arange(g.num_tokens).expand(g.batch, g.num_tokens)
             else:
-                idx = self.policy.select(spec.image_keep)  # (B, K)
+                idx = self.policy.select(spec.image_keep)  # (P, K), shared by both CFG halves
+                idx = torch.cat([idx, idx])  # (B, K)
             feed = {
                 "latent": hidden_states,
                 "encoder_hidden_states": encoder_hidden_states,
@@ -93,6 +94,9 @@ class OrtSampler:
             if "text_mass" in out:
                 self.text_importance = out["text_mass"]
             noise = out["noise"]
-            self.policy.observe(patchify(noise, g.patch), dense=spec.dense)
+            u, c = patchify(noise, g.patch).float().chunk(2)  # the guided prediction, as the sampler scores
+            guided = u + float(self.manifest.data["guidance"]) * (c - u)
+            self.policy.observe(guided, dense=spec.dense and not spec.prunes_text,
+                                selected=None if spec.dense else idx[: g.batch // 2])
         self.prev = noise
         return Transformer2DModelOutput(sample=noise) if return_dict else (noise,)

@@ -202,10 +202,10 @@ def test_corrupted_or_missing_files_are_named(export_half, tmp_path, capsys):
 
 def test_rerun_is_a_no_op_and_another_config_is_refused(export_half, capsys):
     before = (export_half["dir"] / "manifest.json").read_bytes()
-    rc, seconds = run_export(export_half["dir"], "--budget", "0.5")
+    rc, seconds = run_export(export_half["dir"], "--budget", "0.5", "--no-reuse-steps")
     assert rc == 0 and "up to date" in capsys.readouterr().out
     assert (export_half["dir"] / "manifest.json").read_bytes() == before
-    rc, _ = run_export(export_half["dir"], "--budget", "0.4")
+    rc, _ = run_export(export_half["dir"], "--budget", "0.4", "--no-reuse-steps")
     err = capsys.readouterr().err
     assert rc == 2 and "different configuration" in err and "budget: 0.5 (existing) vs 0.4" in err and "--force" in err
     assert (export_half["dir"] / "manifest.json").read_bytes() == before
