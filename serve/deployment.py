@@ -28,7 +28,7 @@ from tokprune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServeOptions", "build_app", "deployment_kwargs"]
+__all__ = ["ServeOptions", "build_app", "deployment_kwargs", "run_with_retry"]
 
 
 @dataclass
@@ -183,25 +183,8 @@ def build_app(engine_dir: str | Path, opts: ServeOptions | None = None, *, image
         async def run(self, request: Any) -> Any:
             from ray import exceptions as rx
 
-            from tokprune.serve.http import ServeFailure
-
-            lost = (rx.RayActorError, rx.ActorUnavailableError)
-            for attempt in (1, 2):
-                try:
-                    result = await self.model.run.remote(request)
-                except lost as exc:
-                    if attempt == 2:
-                        raise ServeFailure(f"the replica running this request died twice ({type(exc).__name__}); "
-                                           "retry it (seeded requests give the same image)", 503) from None
-                    logging.getLogger("tokprune.serve").warning(
-                        "%s: its replica died (%s); retrying once on another replica", request.summary(),
-                        type(exc).__name__)
-                    continue
-                if isinstance(result, BaseException):
-                    raise result
-                result.retries = attempt - 1
-                return result
-            raise AssertionError("unreachable")
+            return await run_with_retry(lambda: self.model.run.remote(request), request,
+                                        lost=(rx.RayActorError, rx.ActorUnavailableError))
 
         async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
             """``handle.generate.remote({"prompt": ..., "seed": ...}).result()`` -> ``{"png": bytes, "timings_ms", ...}``.
@@ -220,6 +203,32 @@ def build_app(engine_dir: str | Path, opts: ServeOptions | None = None, *, image
 
     options = asdict(opts)
     return TokpruneIngress.bind(TokpruneModel.bind(directory, options), directory, options)
+
+
+async def run_with_retry(call: Any, request: Any, *, lost: tuple[type[BaseException], ...]) -> Any:
+    """Await ``call()`` (a replica's ``run``); if the replica dies under it (``lost``), run it once more.
+
+    Requests are seeded, so the second run gives the same image; its result carries ``retries=1``.
+    A second death raises a 503 :class:`~tokprune.serve.http.ServeFailure` that says so; a result that
+    is an exception (the replica's ServeFailure) is raised.
+    """
+    from tokprune.serve.http import ServeFailure
+
+    for attempt in (1, 2):
+        try:
+            result = await call()
+        except lost as exc:
+            if attempt == 2:
+                raise ServeFailure(f"the replica running this request died twice ({type(exc).__name__}); retry it "
+                                   "(seeded requests give the same image)", 503) from None
+            logging.getLogger("tokprune.serve").warning(
+                "%s: its replica died (%s); retrying once on another replica", request.summary(), type(exc).__name__)
+            continue
+        if isinstance(result, BaseException):
+            raise result
+        result.retries = attempt - 1
+        return result
+    raise AssertionError("unreachable")
 
 
 def _replica_logging() -> None:

@@ -51,3 +51,39 @@ def test_options_are_checked_and_mapped():
     assert kw["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in kw
     assert kw["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1} and kw["max_ongoing_requests"] == 3
     assert deployment_kwargs(ServeOptions(replicas=3))["num_replicas"] == 3
+
+
+class _Died(Exception):
+    pass
+
+
+def test_ingress_reruns_a_request_whose_replica_died_once_then_says_so():
+    import asyncio
+
+    from tokprune.serve.deployment import run_with_retry
+    from tokprune.serve.http import ServeFailure
+    from tokprune.serve.request import GenerateRequest
+    from tokprune.serve.worker import GenerateResult
+
+    req = GenerateRequest("a", None, 1, 7.0, 6, 64, 64)
+
+    def replica(outcomes):
+        it = iter(outcomes)
+
+        async def call():
+            out = next(it)
+            if isinstance(out, type) and issubclass(out, BaseException):
+                raise out("actor died")
+            return out
+
+        return call
+
+    ok = GenerateResult(png=b"x", seed=1)
+    assert asyncio.run(run_with_retry(replica([_Died, ok]), req, lost=(_Died,))).retries == 1
+    assert asyncio.run(run_with_retry(replica([ok]), req, lost=(_Died,))).retries == 0
+    with pytest.raises(ServeFailure) as err:
+        asyncio.run(run_with_retry(replica([_Died, _Died]), req, lost=(_Died,)))
+    assert err.value.status == 503 and "died twice" in str(err.value)
+    with pytest.raises(ServeFailure) as err:  # the replica's own failure is passed on, not retried
+        asyncio.run(run_with_retry(replica([ServeFailure("RuntimeError: x", 500), ok]), req, lost=(_Died,)))
+    assert err.value.status == 500
