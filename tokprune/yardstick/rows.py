@@ -58,6 +58,7 @@ DEFAULT_CACHES: tuple[str, ...] = (
     "fbc:threshold=0.3",
 )
 CAT_T0_AT_28: tuple[int, ...] = (4, 6, 8, 10)
+INTERLEAVE_PERIODS: tuple[int, ...] = (2, 3, 4, 5, 6)  # the smallest that reaches the budget is used
 
 
 @dataclass(frozen=True)
@@ -159,16 +160,24 @@ def plan_rows(
     for b in budgets:
         for method in methods:
             name = f"{method}@{b:g}"
-            rec = store.find("plan", row=name)
+            rec = store.find("plan", row=name) or store.find("unreachable", row=name)
             if rec is None:
                 note(f"planning {name}")
-                plan, policy, info = _make_plan(
-                    method, b, pipe=pipe, g=g, call=call, calib_runs=calib_runs,
-                    seed=seed, model=model, store=store, checkpoint_dir=checkpoint_dir, baselines=baselines,
-                )
+                try:
+                    plan, policy, info = _make_plan(
+                        method, b, pipe=pipe, g=g, call=call, calib_runs=calib_runs,
+                        seed=seed, model=model, store=store, checkpoint_dir=checkpoint_dir, baselines=baselines,
+                    )
+                except ConfigError as e:  # this structure cannot spend this budget: a finding, not a crash
+                    rec = {"kind": "unreachable", "row": name, "method": method, "budget": b, "reason": str(e)}
+                    store.append(rec)
+                    logger.warning("%s: no plan: %s", name, e)
+                    continue
                 rec = {"kind": "plan", "row": name, "method": method, "budget": b, "plan": plan_dict(plan),
                        "policy": policy, "info": info}
                 store.append(rec)
+            if rec["kind"] == "unreachable":
+                continue
             info = dict(rec["info"])
             if method == "random" and not selects_tokens(rec["plan"], n):
                 info["identical_to"] = f"calibrated@{b:g}"
@@ -219,7 +228,16 @@ def _make_plan(method: str, b: float, *, pipe: Any, g: Any, call: Any, calib_run
     if method == "ras":
         return baselines.ras_schedule(g, steps, b), "cat", {"source": "ras_schedule"}
     if method == "interleaved":
-        return baselines.interleaved_schedule(g, steps, b), "cat", {"source": "interleaved_schedule"}
+        # Period 2 (dense, reuse) reaches only budgets >= ~0.5; below, one dense step per longer period.
+        reasons = []
+        for period in INTERLEAVE_PERIODS:
+            try:
+                plan = baselines.interleaved_schedule(g, steps, b, period=period)
+            except ConfigError as e:
+                reasons.append(f"period {period}: {e}")
+                continue
+            return plan, "cat", {"source": "interleaved_schedule", "period": period}
+        raise ConfigError(f"interleaved cannot reach budget {b:g} with periods {INTERLEAVE_PERIODS}: {reasons[-1]}")
     raise ConfigError(f"method {method!r}; expected one of {', '.join(PLAN_METHODS)}")
 
 
