@@ -137,6 +137,28 @@ _BUCKET = {
         "weights": {"type": "object"},
     },
 }
+_GRAPH = {
+    "type": "object",
+    "description": "the single ONNX graph with the keep count K as a dynamic axis (export/dynamic.py): every bucket "
+                   "runs it at its own shapes; TensorRT builds one engine from it with one static profile per bucket",
+    "required": ["layout", "file", "exporter", "dims", "io", "profiles", "equivalence"],
+    "properties": {
+        "layout": {"const": "dynamic"},
+        "file": _FILE,
+        "exporter": {"enum": ["dynamo", "torchscript"]},
+        "export_seconds": {"type": "number", "minimum": 0},
+        "dims": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "integer"}}},
+        "io": {"type": "array", "items": {"type": "object", "required": ["name", "shape", "dtype", "role"]}},
+        "profiles": {
+            "type": "array",
+            "items": {"type": "object", "required": ["bucket", "shapes"],
+                      "properties": {"bucket": {"type": "string"}, "shapes": {"type": "object"}}},
+        },
+        "lint": {"type": "array", "items": _LINT},
+        "equivalence": {"type": "object", "additionalProperties": _EQUIVALENCE},
+        "weights": {"type": "object"},
+    },
+}
 MANIFEST_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": "https://tokprune.dev/schemas/manifest-v1.json",
@@ -213,6 +235,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         },
         "buckets": {"type": "array", "items": _BUCKET, "minItems": 1},
         "step_buckets": {"type": "array", "items": _NULLABLE_STR, "minItems": 1},
+        "graph": {"oneOf": [{"type": "null"}, _GRAPH]},
         "engines": {
             "oneOf": [
                 {"type": "null"},
@@ -233,7 +256,10 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                         "flags": {"type": "object"},
                         "built_utc": {"type": "string"},
                         "timing_cache": _FILE,
-                        "layout": {"const": "engine-per-bucket"},
+                        "layout": {"enum": ["engine-per-bucket", "single-engine"]},
+                        "engine": {**_FILE, "description": "single-engine layout: the one engine, a profile per bucket"},
+                        "profiles": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
+                                     "description": "single-engine layout: bucket key -> optimisation profile index"},
                     },
                 },
             ]
@@ -450,6 +476,18 @@ class Manifest:
         entry = self.bucket(key)["files"].get("engine")
         return None if entry is None else self.directory / entry["path"]
 
+    def graph_path(self) -> Path | None:
+        """The single dynamic-K graph (``graph.onnx``), or None when the export has none."""
+        entry = self.data.get("graph")
+        return None if not entry else self.directory / entry["file"]["path"]
+
+    def single_engine(self) -> tuple[Path, dict[str, int]] | None:
+        """(the one TensorRT engine, bucket key -> profile index) of a single-engine build, else None."""
+        engines = self.data.get("engines")
+        if not engines or engines.get("layout") != "single-engine":
+            return None
+        return self.directory / engines["engine"]["path"], dict(engines["profiles"])
+
     def schedule(self):
         """The embedded :class:`tokprune.calibrate.schedule.Schedule`."""
         from tokprune.calibrate.schedule import Schedule
@@ -459,9 +497,13 @@ class Manifest:
     def files(self) -> list[dict[str, Any]]:
         """Every file the manifest vouches for (shared files, then per bucket)."""
         entries = [self.data["schedule"]["file"], self.data["weights"]["file"]]
+        if self.data.get("graph"):
+            entries.append(self.data["graph"]["file"])
         engines = self.data.get("engines")
         if engines and engines.get("timing_cache"):
             entries.append(engines["timing_cache"])
+        if engines and engines.get("engine"):
+            entries.append(engines["engine"])
         for b in self.data["buckets"]:
             entries.extend(b["files"].values())
         return entries
