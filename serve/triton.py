@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tokprune.errors import ConfigError, ManifestError, TokpruneError
+from tokprune.fsutil import describe_dir, replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ __all__ = ["PIPELINE_MODEL", "bucket_model_name", "main", "parse_config", "write
 
 PIPELINE_MODEL = "tokprune_pipeline"
 BUCKETS_FILE = "triton_buckets.json"
+# Inside the BLS model's own files (Triton reads only model directories): marks a repository this command
+# wrote, the only kind --force replaces and the only .partial it removes.
+MARKER = f"{PIPELINE_MODEL}/1/export/written_by.json"
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64"}
 
 MODEL_PY = '''"""Triton Python-backend BLS model written by tokprune-triton: the denoising loop runs in tokprune.
@@ -146,11 +150,15 @@ def write_repository(
     if problems:
         raise ManifestError(f"{directory} does not match its manifest: " + "; ".join(problems)
                             + ". Re-export with tokprune-export ... --force (tokprune-inspect --verify lists the same)")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ConfigError(f"{out} exists and is not empty; pass --force to replace it, or choose another OUT")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    _check_replaceable(out, force=force)
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        if not (tmp / MARKER).is_file():  # never delete what this command did not make
+            raise ConfigError(f"{tmp} exists and was not written by tokprune-triton ({describe_dir(tmp)}); "
+                              "move it away and run again")
+        shutil.rmtree(tmp)
+    (tmp / MARKER).parent.mkdir(parents=True)
+    (tmp / MARKER).write_text(json.dumps({"written_by": "tokprune-triton", "export": str(directory)}) + "\n")
     specs = manifest.bucket_specs()
     summary: dict[str, Any] = {"directory": str(directory), "models": {}}
     buckets: dict[str, str] = {}
@@ -175,7 +183,7 @@ def write_repository(
         summary["models"][name] = {"bucket": key, "format": "tensorrt_plan" if use_plan else "onnx", "files": how}
     g = manifest.data
     bls = tmp / PIPELINE_MODEL / "1"
-    (bls / "export").mkdir(parents=True)
+    (bls / "export").mkdir(parents=True, exist_ok=True)
     (bls / "model.py").write_text(MODEL_PY)
     shutil.copy2(directory / "manifest.json", bls / "export" / "manifest.json")
     (bls / "export" / BUCKETS_FILE).write_text(json.dumps(buckets, indent=2) + "\n")
@@ -193,11 +201,25 @@ def write_repository(
             if parsed.name != cfg.parent.name:
                 raise ConfigError(f"{cfg}: name {parsed.name!r} differs from its directory {cfg.parent.name!r}")
         summary["validated"] = "every config.pbtxt parsed with tritonclient's model_config_pb2.ModelConfig"
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)  # swap in; the old repository (checked above) goes only after the swap
     summary["out"] = str(out)
     return summary
+
+
+def _check_replaceable(out: Path, *, force: bool) -> None:
+    """OUT may be absent, empty, or (with ``force``) a repository this command wrote; nothing else."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"OUT {out} is a file; choose a directory path")
+    if not any(out.iterdir()):
+        return
+    if not (out / MARKER).is_file():
+        raise ConfigError(f"OUT {out} exists and is not a repository written by tokprune-triton ({describe_dir(out)}); "
+                          "it is never replaced, --force or not: choose another OUT (a new or empty directory)")
+    if not force:
+        raise ConfigError(f"OUT {out} already holds a tokprune-triton repository; pass --force to replace it, "
+                          "or choose another OUT")
 
 
 def _external_files(onnx_path: Path) -> list[str]:

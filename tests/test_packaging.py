@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("tokprune", "tokprune/pruning", "tokprune/calibrate", "tokprune/export", "tokprune/runtime", "tokprune/yardstick")
+PACKAGES = ("tokprune", "tokprune/pruning", "tokprune/calibrate", "tokprune/export", "tokprune/runtime", "tokprune/yardstick",
+            "tokprune/serve")
 
 SNIPPET = r"""
 import sys, torch

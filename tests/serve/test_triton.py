@@ -144,3 +144,20 @@ def test_damaged_export_and_existing_out_are_refused(tiny_export, tmp_path):
     (tmp_path / "busy" / "f").write_text("x")
     with pytest.raises(ConfigError, match="--force"):
         write_repository(tiny_export, tmp_path / "busy")
+
+
+def test_repository_never_replaces_what_it_did_not_write(tmp_path):
+    """OUT with user files is refused, --force or not; a foreign .partial beside it is never deleted."""
+    from tokprune.errors import ConfigError
+    from tokprune.serve.triton import _check_replaceable
+
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(ConfigError, match="not a repository written by tokprune-triton"):
+            _check_replaceable(out, force=force)
+    assert (out / "notes.txt").read_text() == "mine"
+    _check_replaceable(tmp_path / "absent", force=False)
+    (tmp_path / "empty").mkdir()
+    _check_replaceable(tmp_path / "empty", force=False)
