@@ -132,3 +132,23 @@ def test_bootstrap_is_seeded_and_scales_with_spread():
         metrics.bootstrap_ci([1.0, np.inf])
     with pytest.raises(ConfigError, match="no values"):
         metrics.bootstrap_ci([])
+
+
+def test_separable_ssim_equals_the_two_dimensional_window(images):
+    import torch
+
+    x = torch.as_tensor(images[:2], dtype=torch.float64).permute(0, 3, 1, 2)
+    y = torch.as_tensor(np.clip(images[2:] + 0.03, 0, 1), dtype=torch.float64).permute(0, 3, 1, 2)
+    r = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(r**2) / (2 * 1.5**2))
+    w = (torch.outer(g, g) / torch.outer(g, g).sum()).expand(3, 1, 11, 11)
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, w, groups=3)
+
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    ref = (((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))).flatten(1).mean(1)
+    got = metrics.ssim(images[:2], np.clip(images[2:] + 0.03, 0, 1))
+    np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=1e-12)

@@ -74,6 +74,7 @@ class Driver:
                 from tokprune.yardstick.caches import measure_mag_ratios
 
                 t0 = time.perf_counter()
+                logger.info("measuring MagCache's magnitude ratios on %d calibration captions", len(calib))
                 ratios = measure_mag_ratios(self.pipe, calib, seeds=calib_seeds, call=self.call.kwargs())
                 self.store.append({"kind": "mag_ratios", "ratios": ratios, "seconds": round(time.perf_counter() - t0, 1)})
             else:
@@ -107,9 +108,12 @@ class Driver:
         from tokprune.yardstick.runs import EagerRuns
 
         caps, seeds = self.captions(0, 1)
-        t0 = time.perf_counter()
-        EagerRuns(self.pipe, caps, call=self.call, seeds=seeds).dense()
-        dense_s = time.perf_counter() - t0
+        times = []
+        for _ in range(2):  # the first call also pays one-time set-up: keep the faster of two
+            t0 = time.perf_counter()
+            EagerRuns(self.pipe, caps, call=self.call, seeds=seeds).dense()
+            times.append(time.perf_counter() - t0)
+        dense_s = min(times)
         n = self.settings["n"]
         plan_units = sum(self.budgets) * len([m for m in self.methods if m != "random"])
         if "random" in self.methods:

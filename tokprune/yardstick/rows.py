@@ -58,7 +58,7 @@ DEFAULT_CACHES: tuple[str, ...] = (
     "fbc:threshold=0.3",
 )
 CAT_T0_AT_28: tuple[int, ...] = (4, 6, 8, 10)
-INTERLEAVE_PERIODS: tuple[int, ...] = (2, 3, 4, 5, 6)  # the smallest that reaches the budget is used
+INTERLEAVE_PERIODS: tuple[int, ...] = (2, 3, 4, 5, 6)  # the one landing closest to the budget is used
 
 
 @dataclass(frozen=True)
@@ -218,6 +218,7 @@ def _make_plan(method: str, b: float, *, pipe: Any, g: Any, call: Any, calib_run
                 continue
             err = float(calib_runs.error(plan, "cat"))
             errors[str(t0)] = err
+            logger.info("cat@%g: t0=%d gives calibration error %.4f", b, t0, err)
             if best is None or err < best[0]:
                 best = (err, t0, plan)
         if best is None:
@@ -229,15 +230,21 @@ def _make_plan(method: str, b: float, *, pipe: Any, g: Any, call: Any, calib_run
         return baselines.ras_schedule(g, steps, b), "cat", {"source": "ras_schedule"}
     if method == "interleaved":
         # Period 2 (dense, reuse) reaches only budgets >= ~0.5; below, one dense step per longer period.
-        reasons = []
+        # The period whose plan lands closest to the budget is used (ties: the shorter period).
+        from tokprune.pruning.macs import mac_fraction
+
+        reasons, found = [], []
         for period in INTERLEAVE_PERIODS:
             try:
                 plan = baselines.interleaved_schedule(g, steps, b, period=period)
             except ConfigError as e:
                 reasons.append(f"period {period}: {e}")
                 continue
-            return plan, "cat", {"source": "interleaved_schedule", "period": period}
-        raise ConfigError(f"interleaved cannot reach budget {b:g} with periods {INTERLEAVE_PERIODS}: {reasons[-1]}")
+            found.append((abs(mac_fraction(g, plan) - b), period, plan))
+        if not found:
+            raise ConfigError(f"interleaved cannot reach budget {b:g} with periods {INTERLEAVE_PERIODS}: {reasons[-1]}")
+        _, period, plan = min(found, key=lambda x: (x[0], x[1]))
+        return plan, "cat", {"source": "interleaved_schedule", "period": period}
     raise ConfigError(f"method {method!r}; expected one of {', '.join(PLAN_METHODS)}")
 
 
