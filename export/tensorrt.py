@@ -6,16 +6,21 @@ build itself is written against the documented API (DESIGN.md §6) and cannot ru
 workplace that wrote it (no TensorRT, no GPU); everything around it (profiles, flags,
 refusals, manifest entries, lint) is unit-tested.
 
-Layout decision — **one engine per bucket**, not one engine with a profile per bucket: the
-buckets are different graphs, not one graph at different shapes. A pruned bucket reads
-caches and ``prev_noise`` that the dense bucket does not have, a text-pruned one has
-``txt_idx``, their gathers and scatters differ, so no single ONNX graph with a dynamic keep
-axis covers them without dummy inputs and dead branches. The price: every engine embeds
-its own copy of the weights (TensorRT cannot share weights between engines without
-refit/weight streaming), so engine files are B x the weights on disk, unlike the ONNX files,
-which share ``weights.bin``. Each engine still gets one static optimisation profile (min = opt
-= max from :meth:`BucketSpec.io`), which documents its shapes and keeps the build valid if the
-ONNX is later exported with a dynamic batch. All builds share one timing cache file.
+Layout — **one engine with one static optimisation profile per bucket** (``layout="single"``, the
+default when the export has its dynamic-K graph, :mod:`tokprune.export.dynamic`): the engine is
+built from ``graph.onnx`` whose keep axis K is dynamic; each bucket is one profile with min = opt =
+max = that bucket's shapes (:func:`graph_profile_shapes`), so TensorRT still picks kernels for
+static shapes per bucket, but the weights are in the engine — and in GPU memory — once. The runtime
+keeps one execution context per profile and one scratch allocation shared by all of them. The
+dense probe variant (schedules that prune text) has an extra output and stays its own engine.
+
+``layout="per-bucket"`` (``build_engines(DIR, layout="per-bucket")``) builds the static per-bucket
+graphs as before: one engine each, every engine embedding its own copy of the weights (TensorRT
+cannot share weights between engines without refit / weight streaming). Keep it for a GPU where a
+per-bucket engine measures faster than the same bucket's profile of the single engine: TensorRT
+fuses and plans memory for exactly one shape there, and a dense bucket skips the cache scatters of
+the generic graph. Whether that happens is not measured yet (no GPU with TensorRT was available):
+``results/gpu/scenario_gpu_ready.py`` measures both. All builds share one timing cache file.
 
 Precision lives in the ONNX (weights and casts, with fp32 norms and softmax): the network is
 parsed **strongly typed**, mandatory from TensorRT 11 (which removed the FP16/BF16 builder
@@ -54,6 +59,7 @@ __all__ = [
     "build_flags",
     "engine_mismatches",
     "gpu_info",
+    "graph_profile_shapes",
     "profile_shapes",
     "require_tensorrt",
     "tensorrt_version",
@@ -134,6 +140,14 @@ def profile_shapes(spec: BucketSpec) -> dict[str, tuple[tuple[int, ...], tuple[i
     return {t.name: (t.shape, t.shape, t.shape) for t in spec.io() if t.role == INPUT}
 
 
+def graph_profile_shapes(graph: Any) -> dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
+    """Bucket key -> input name -> (min, opt, max), all equal: the single engine's profiles, one per
+    bucket, in the graph's bucket order (profile index = position). ``graph``: a
+    :class:`~tokprune.export.dynamic.GraphSpec`."""
+    return {key: {name: (shape, shape, shape) for name, shape in inputs.items()}
+            for key, inputs in graph.profiles().items()}
+
+
 def build_flags(precision: Precision | str, trt_version: str, *, opt_level: int = DEFAULT_OPT_LEVEL) -> dict[str, Any]:
     """The builder settings recorded in the manifest and passed to polygraphy's ``CreateConfig``."""
     precision = Precision.parse(precision)
@@ -144,7 +158,7 @@ def build_flags(precision: Precision | str, trt_version: str, *, opt_level: int 
         "precision": precision.value,
         "tf32": False,
         "builder_optimization_level": int(opt_level),
-        "profiles": "one static profile per engine (min=opt=max)",
+        "profiles": "one static profile per bucket (min=opt=max)",
         "version_compatible": False,
         "hardware_compatibility_level": "none",
         "tensorrt_major": _parse_version(trt_version)[0],
@@ -200,14 +214,48 @@ def build_engine(
     save_engine(engine, path=str(engine_path))
 
 
+def build_graph_engine(
+    onnx_path: str | Path, graph: Any, engine_path: str | Path, *, timing_cache: str | Path, flags: dict[str, Any]
+) -> None:
+    """Parse the dynamic graph (strongly typed), build ONE engine with one static profile per bucket
+    (profile ``i`` = ``graph.buckets[i]``), save it. Same polygraphy loaders as :func:`build_engine`."""
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
+
+    network = network_from_onnx_path(str(onnx_path), strongly_typed=bool(flags["strongly_typed"]))
+    profiles = []
+    for shapes in graph_profile_shapes(graph).values():
+        profile = Profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.add(name, min=lo, opt=opt, max=hi)
+        profiles.append(profile)
+    timing_cache = Path(timing_cache)
+    config = CreateConfig(
+        tf32=bool(flags["tf32"]),
+        profiles=profiles,
+        builder_optimization_level=int(flags["builder_optimization_level"]),
+        load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
+    )
+    engine = engine_from_network(network, config=config, save_timing_cache=str(timing_cache))
+    save_engine(engine, path=str(engine_path))
+
+
+GRAPH_ENGINE = f"{ENGINE_DIR}/graph.plan"
+
+
 def build_engines(
     directory: str | os.PathLike,
     *,
     opt_level: int = DEFAULT_OPT_LEVEL,
     progress: bool = True,
     rebuild: bool = False,
+    layout: str | None = None,
 ) -> dict[str, Any]:
-    """Lint every bucket's ONNX, build its engine into ``DIR/engines/``, record the build in the manifest.
+    """Lint the ONNX, build the engines into ``DIR/engines/``, record the build in the manifest.
+
+    ``layout``: ``"single"`` (one engine from ``graph.onnx``, a profile per bucket; the default when
+    the export has that graph) or ``"per-bucket"`` (one engine per static bucket graph; the default
+    for exports without it). Buckets the graph does not serve (the dense probe variant) get their own
+    engine either way.
 
     Engines are written under temporary names and renamed, and the manifest is rewritten
     atomically only after every engine is built, so an interrupted build leaves the directory's
@@ -220,35 +268,57 @@ def build_engines(
     from tokprune.export.manifest import file_entry, load_manifest, utc_now, write_manifest
     from tqdm.auto import tqdm
 
+    from tokprune.export.dynamic import LAYOUTS, graph_from_manifest
+
+    from tokprune.errors import ConfigError
+
     directory = Path(directory)
+    if layout is not None and layout not in LAYOUTS:
+        raise ConfigError(f"layout {layout!r} is not one of {list(LAYOUTS)}; pass layout='single' or 'per-bucket'")
     require_tensorrt(directory)
     manifest = load_manifest(directory)
     if manifest.has_engines and not rebuild:
         raise ManifestError(f"{directory} already has engines (built {manifest.data['engines']['built_utc']}); pass --rebuild")
     specs = manifest.bucket_specs()
-    for key in specs:  # lint everything before spending minutes on the first build
-        raise_on_errors(lint_model(manifest.onnx_path(key)), f"{directory}/{manifest.bucket(key)['files']['onnx']['path']}")
+    graph = graph_from_manifest(manifest.data, specs)
+    if layout == "single" and graph is None:
+        raise ConfigError(f"{directory} has no dynamic graph (one bucket, or exported before it existed); build with "
+                          f"layout='per-bucket', or re-export it (tokprune-export ... --force)")
+    single = graph is not None and layout != "per-bucket"
+    own = [k for k in specs if not (single and k in graph.keys)]  # buckets built as their own engine
+    sources = [manifest.onnx_path(k) for k in own] + ([manifest.graph_path()] if single else [])
+    for path in sources:  # lint everything before spending minutes on the first build
+        raise_on_errors(lint_model(path), str(path))
     version, gpu = tensorrt_version(), gpu_info()
     flags = build_flags(manifest.precision, version, opt_level=opt_level)
     (directory / ENGINE_DIR).mkdir(exist_ok=True)
     timing_cache = directory / TIMING_CACHE_FILE
     built: dict[str, str] = {}
     try:
-        for key, spec in tqdm(specs.items(), desc="build engines", unit="engine", disable=not progress):
+        if single:
+            build_graph_engine(manifest.graph_path(), graph, directory / f"{GRAPH_ENGINE}.partial",
+                               timing_cache=timing_cache, flags=flags)
+            built["graph"] = GRAPH_ENGINE
+        for key in tqdm(own, desc="build engines", unit="engine", disable=not progress):
             rel = f"{ENGINE_DIR}/{key}.plan"
             tmp = directory / f"{rel}.partial"
-            build_engine(manifest.onnx_path(key), spec, tmp, timing_cache=timing_cache, flags=flags)
+            build_engine(manifest.onnx_path(key), specs[key], tmp, timing_cache=timing_cache, flags=flags)
             built[key] = rel
-        for key, rel in built.items():
+        for rel in built.values():
             os.replace(directory / f"{rel}.partial", directory / rel)
     finally:
         for rel in built.values():
             leftover = directory / f"{rel}.partial"
             if leftover.exists():
                 leftover.unlink()
+    for stale in (directory / ENGINE_DIR).glob("*.plan"):  # a rebuild in the other layout
+        if f"{ENGINE_DIR}/{stale.name}" not in built.values():
+            stale.unlink()
     data = manifest.data
     for bucket in data["buckets"]:
-        bucket["files"]["engine"] = file_entry(directory, built[bucket["key"]])
+        bucket["files"].pop("engine", None)
+        if bucket["key"] in built:
+            bucket["files"]["engine"] = file_entry(directory, built[bucket["key"]])
     data["versions"]["tensorrt"] = version
     data["engines"] = {
         "tensorrt": version,
@@ -256,8 +326,11 @@ def build_engines(
         "flags": flags,
         "built_utc": utc_now(),
         "timing_cache": file_entry(directory, TIMING_CACHE_FILE),
-        "layout": "engine-per-bucket",
+        "layout": "single-engine" if single else "engine-per-bucket",
     }
+    if single:
+        data["engines"]["engine"] = file_entry(directory, GRAPH_ENGINE)
+        data["engines"]["profiles"] = {key: i for i, key in enumerate(graph.keys)}
     write_manifest(directory, data)
     return data["engines"]
 

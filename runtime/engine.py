@@ -511,6 +511,7 @@ def load(
     compile: bool = False,
     threads: int | None = None,
     cuda_graphs: bool = False,
+    layout: str | None = None,
     check_files: bool = True,
 ) -> EngineTransformer:
     """Verify an export directory and return the transformer that runs its engines.
@@ -524,7 +525,10 @@ def load(
     Args to tinker with:
         model: the PyTorch transformer for ``backend="torch"`` (default: load the manifest's model).
         compile: ``torch.compile`` each bucket (``backend="torch"``).
-        threads: ONNX Runtime intra-op threads. ``cuda_graphs``: capture a CUDA graph per TensorRT bucket.
+        threads: ONNX Runtime intra-op threads. ``cuda_graphs``: replay a CUDA graph per bucket (torch and
+            tensorrt backends, CUDA only; :mod:`tokprune.runtime.cuda_graphs`).
+        layout: ``"single"`` (the export's one dynamic-K graph / engine, weights loaded once) or
+            ``"per-bucket"`` (one static graph / engine per bucket); default: :func:`default_layout`.
         check_files: re-hash every file against the manifest (recommended; seconds for big exports).
 
     Raises :class:`ManifestError` (mismatched or corrupted export, wrong model),
@@ -563,20 +567,34 @@ def load(
             )
     if model is not None:
         check_fingerprint(manifest, model, "the model passed to load()")
+    from tokprune.runtime.layout import check_cuda_graphs, default_layout, graph_for
+
+    check_cuda_graphs(cuda_graphs, backend, device)
+    layout = default_layout(manifest, backend, device) if layout is None else layout
+    graph = graph_for(manifest, specs, layout, backend)
     runners: dict[str, Runner] = {}
     if backend is RuntimeBackend.TORCH:
         ref = model if model is not None else load_reference_transformer(manifest, device, manifest.precision.torch_dtype)
         ref = ref.eval().to(device)
         for key, spec in specs.items():
-            runners[key] = TorchRunner(ref, spec, device=device, compile=compile)
+            runners[key] = TorchRunner(ref, spec, device=device, compile=compile, cuda_graphs=cuda_graphs)
     elif backend is RuntimeBackend.ONNXRUNTIME:
+        from tokprune.runtime.runners import SharedOrtSession
+
+        shared = SharedOrtSession(manifest.graph_path()) if graph is not None else None
         for key, spec in specs.items():
-            runners[key] = OnnxRuntimeRunner(manifest.onnx_path(key), spec, device=device, threads=threads)
+            if graph is not None and key in graph.keys:  # the one dynamic graph, one session for all buckets
+                runners[key] = OnnxRuntimeRunner(manifest.graph_path(), spec, device=device, threads=threads,
+                                                 graph=graph, shared=shared)
+            else:
+                runners[key] = OnnxRuntimeRunner(manifest.onnx_path(key), spec, device=device, threads=threads)
     else:
         from tokprune.runtime.trt_runner import TrtEngineSet
 
         paths = {key: manifest.engine_path(key) for key in specs}
-        engine_set = TrtEngineSet(paths, specs, device=device, cuda_graphs=cuda_graphs)
+        single = manifest.single_engine() if graph is not None else None
+        engine_set = TrtEngineSet(paths, specs, device=device, cuda_graphs=cuda_graphs,
+                                  single=single, graph=graph)
         runners = {key: engine_set.runner(key) for key in specs}
     try:
         for runner in runners.values():

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "OnnxRuntimeRunner",
+    "SharedOrtSession",
     "Runner",
     "RunnerInputError",
     "RunnerStateError",
@@ -212,6 +213,8 @@ class TorchRunner(Runner):
     Runs :class:`tokprune.export.onnx_export.BucketModule` — ``pruned_forward(inplace=False)`` with
     the bucket's precision patches — so it is the numerical reference of the exported graph.
     ``compile=True`` wraps it in ``torch.compile`` (static shapes: one graph per bucket).
+    ``cuda_graphs=True`` replays a CUDA graph per bucket (:mod:`tokprune.runtime.cuda_graphs`: static
+    input buffers, caches bound by address, capture once, replay per step); outputs then alias.
 
     Args:
         model: the ``SD3Transformer2DModel`` the engines were exported from, already on ``device``
@@ -227,11 +230,16 @@ class TorchRunner(Runner):
         *,
         device: torch.device | str = "cpu",
         compile: bool = False,
+        cuda_graphs: bool = False,
+        graph_backend: Any = None,
         name: str | None = None,
     ) -> None:
         super().__init__(spec, device=device, name=name)
         self.model = model
         self.compile = bool(compile)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graph_backend = graph_backend  # tests: a stand-in for torch.cuda.CUDAGraph capture
+        self._graphs: Any = None
         self._fn: Any = None
         self._names = [t.name for t in self._inputs]
         self._out_names = [t.name for t in self._outputs]
@@ -241,16 +249,31 @@ class TorchRunner(Runner):
 
         module = BucketModule(self.model, self.spec).eval()
         self._fn = torch.compile(module, dynamic=False, fullgraph=False) if self.compile else module
+        if self.cuda_graphs:
+            from tokprune.runtime.cuda_graphs import BucketGraphs
 
-    def _infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            self._graphs = BucketGraphs(self._call, self.spec.key, self._inputs, self._outputs, self.device,
+                                        backend=self._graph_backend)
+
+    @property
+    def aliases_outputs(self) -> bool:  # type: ignore[override]
+        return self.cuda_graphs  # replayed graphs overwrite their static outputs
+
+    def _call(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from tokprune.export.onnx_export import precision_patches
 
         with torch.inference_mode(), precision_patches(self.spec.precision):
-            outs = self._fn(*(feed[n] for n in self._names))
+            return self._fn(*tensors)
+
+    def _infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self._graphs is not None:
+            return self._graphs(feed)
+        outs = self._call(*(feed[n] for n in self._names))
         return dict(zip(self._out_names, outs))
 
     def _deactivate(self) -> None:
         self._fn = None
+        self._graphs = None
 
 
 # ---- ONNX Runtime ---------------------------------------------------------------------------------
@@ -264,7 +287,35 @@ def _import_onnxruntime() -> Any:
     return onnxruntime
 
 
-_NP_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64"}
+#: ONNX TensorProto element types for IO binding (an int, so bfloat16 binds too: numpy has no bfloat16).
+_ONNX_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16, "int64": 7}
+
+
+class SharedOrtSession:
+    """One ONNX Runtime session shared by every bucket runner of the dynamic graph (weights once).
+
+    Created by the first runner that activates, dropped when the last one deactivates. ONNX Runtime's
+    ``run`` / ``run_with_iobinding`` may be called from several threads on one session.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.session: Any = None
+        self.users = 0
+        self._lock = threading.Lock()
+
+    def acquire(self, make: Any) -> Any:
+        with self._lock:
+            if self.session is None:
+                self.session = make()
+            self.users += 1
+            return self.session
+
+    def release(self) -> None:
+        with self._lock:
+            self.users = max(0, self.users - 1)
+            if self.users == 0:
+                self.session = None
 
 
 class OnnxRuntimeRunner(Runner):
@@ -283,6 +334,9 @@ class OnnxRuntimeRunner(Runner):
             runtime's selection and cache updates run in torch on the same cores, and spinning ORT threads
             would compete with them.
         session_options: extra ``SessionOptions`` attributes, e.g. ``{"enable_mem_pattern": False}``.
+        graph / shared: run the export's single dynamic-K graph (:class:`~tokprune.export.dynamic.GraphSpec`)
+            at this bucket's shapes, in one :class:`SharedOrtSession` for all buckets (weights loaded once).
+            Inputs the bucket does not feed (a dense call's caches) are bound to one zero stand-in buffer.
     """
 
     backend = RuntimeBackend.ONNXRUNTIME
@@ -296,10 +350,16 @@ class OnnxRuntimeRunner(Runner):
         threads: int | None = None,
         spin: bool = False,
         session_options: Mapping[str, Any] | None = None,
+        graph: Any = None,
+        shared: SharedOrtSession | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__(spec, device=device, name=name)
         self.path = Path(path)
+        self.graph = graph
+        self.shared = shared if graph is None or shared is not None else SharedOrtSession(path)
+        self._stand_ins: dict[str, torch.Tensor] = {}
+        self._graph_in: list[TensorSpec] = []
         self.threads = threads
         self.spin = bool(spin)
         self.session_options = dict(session_options or {})
@@ -345,9 +405,21 @@ class OnnxRuntimeRunner(Runner):
             ]
         else:
             providers = ["CPUExecutionProvider"]
-        session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
-        self._check_graph_io(session)
+        def make() -> Any:
+            return ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+
+        session = self.shared.acquire(make) if self.shared is not None else make()
+        try:
+            self._check_graph_io(session)
+        except BaseException:
+            if self.shared is not None:
+                self.shared.release()
+            raise
         self._session = session
+        if self.graph is not None:
+            shapes = self.graph.shapes(self.spec)
+            self._graph_in = [TensorSpec(t.name, shapes[t.name], t.dtype, t.role, t.cache) for t in self.graph.inputs()]
+            self._stand_ins = self.graph.stand_in_buffers(self.spec, self.device)
         if self.cuda:
             self._binding = session.io_binding()
             self._run_options = ort.RunOptions()
@@ -356,12 +428,18 @@ class OnnxRuntimeRunner(Runner):
             for t in self._outputs:
                 buf = self._out_buffers[t.name]
                 self._binding.bind_output(
-                    t.name, "cuda", buf.device.index or 0, _NP_DTYPES[t.dtype], list(t.shape), buf.data_ptr()
+                    t.name, "cuda", buf.device.index or 0, _ONNX_TYPES[t.dtype], list(t.shape), buf.data_ptr()
                 )
+            for name, x in self._stand_ins.items():  # fixed: bound once
+                self._binding.bind_input(name, "cuda", x.device.index or 0, _ONNX_TYPES[_dtype_name(x)],
+                                         list(x.shape), x.data_ptr())
 
     def _check_graph_io(self, session: Any) -> None:
         got = [(i.name, tuple(i.shape)) for i in session.get_inputs()], [(o.name, tuple(o.shape)) for o in session.get_outputs()]
-        want = [(t.name, t.shape) for t in self._inputs], [(t.name, t.shape) for t in self._outputs]
+        if self.graph is not None:  # the dynamic graph: K / K_txt axes are symbolic
+            want = [(t.name, t.shape) for t in self.graph.inputs()], [(t.name, t.shape) for t in self.graph.outputs()]
+        else:
+            want = [(t.name, t.shape) for t in self._inputs], [(t.name, t.shape) for t in self._outputs]
         if got != want:
             raise ShapeError(
                 f"{self.path.name}: the graph's I/O {got} differs from bucket {self.spec.key}'s I/O table {want}; "
@@ -371,6 +449,8 @@ class OnnxRuntimeRunner(Runner):
     def _infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self.cuda:
             arrays = {n: _numpy_view(feed[n]) for n in self._in_names}
+            for n, x in self._stand_ins.items():
+                arrays[n] = _numpy_view(x)
             outs = self._session.run(self._out_names, arrays)
             return {n: torch.from_numpy(a) for n, a in zip(self._out_names, outs)}
         binding = self._binding
@@ -380,14 +460,17 @@ class OnnxRuntimeRunner(Runner):
             if not x.is_contiguous():
                 x = x.contiguous()
             keep_alive.append(x)
-            binding.bind_input(t.name, "cuda", x.device.index or 0, _NP_DTYPES[t.dtype], list(t.shape), x.data_ptr())
+            binding.bind_input(t.name, "cuda", x.device.index or 0, _ONNX_TYPES[t.dtype], list(t.shape), x.data_ptr())
         self._session.run_with_iobinding(binding, self._run_options)
         return dict(self._out_buffers)
 
     def _deactivate(self) -> None:
+        if self.shared is not None and self._session is not None:
+            self.shared.release()
         self._session = None
         self._binding = None
         self._out_buffers = {}
+        self._stand_ins = {}
 
 
 def _numpy_view(x: torch.Tensor) -> Any:

@@ -1,9 +1,12 @@
 """TensorRT bucket runners: thin, lazily imported, written against the TensorRT 10/11 Python API.
 
-An export's engines (one serialized engine per bucket, one static optimisation profile each;
-see :mod:`tokprune.export.tensorrt`) are loaded into one :class:`TrtEngineSet`:
+An export's engines are loaded into one :class:`TrtEngineSet`, in either layout (see
+:mod:`tokprune.export.tensorrt`): the **single engine** built from the dynamic-K graph with one
+static optimisation profile per bucket (weights in GPU memory once; ``single=(path, {key: profile})``),
+or one engine per bucket (one profile each). Buckets the single engine does not serve (the dense
+probe variant) keep their own engine. In both:
 
-- one execution context per bucket profile, created with
+- one execution context per bucket profile (``set_optimization_profile_async(profile)``), created with
   ``create_execution_context(ExecutionContextAllocationStrategy.USER_MANAGED)``;
 - one device-memory scratch shared by all contexts (buckets run one after another), sized by
   the largest ``get_device_memory_size_for_profile_v2`` / ``device_memory_size_v2`` and handed to
@@ -42,7 +45,16 @@ from tokprune.errors import BackendUnavailableError, ManifestError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ALIGN", "BufferPlan", "BufferSlot", "TrtEngineSet", "TrtRunner", "buffer_plan", "require_tensorrt_runtime"]
+__all__ = [
+    "ALIGN",
+    "BufferPlan",
+    "BufferSlot",
+    "TrtEngineSet",
+    "TrtRunner",
+    "buffer_plan",
+    "check_graph_engine_io",
+    "require_tensorrt_runtime",
+]
 
 ALIGN = 256  # bytes; TensorRT requires 256-byte aligned I/O addresses for some formats
 _STAGED_INPUTS = ("latent", "encoder_hidden_states", "pooled_projections", "timestep", "img_idx", "txt_idx", "prev_noise")
@@ -153,6 +165,23 @@ def check_engine_io(engine: Any, spec: BucketSpec, trt: Any, path: Path) -> None
         )
 
 
+def check_graph_engine_io(engine: Any, graph: Any, trt: Any, path: Path) -> None:
+    """Refuse a single engine whose I/O tensors (name, mode, dtype) differ from the dynamic graph's."""
+    got = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        role = INPUT if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else OUTPUT
+        got[name] = (role, _trt_dtype_name(trt, engine.get_tensor_dtype(name)))
+    want = {t.name: (t.role, t.dtype) for t in graph.io()}
+    if got != want:
+        diff = sorted(set(got.items()) ^ set(want.items()))
+        raise ManifestError(f"engine {path} does not match the dynamic graph's I/O table (differences: {diff}); "
+                            f"rebuild it: tokprune-build {path.parent.parent} --rebuild")
+    if engine.num_optimization_profiles != len(graph.keys):
+        raise ManifestError(f"engine {path} has {engine.num_optimization_profiles} optimisation profiles, the export "
+                            f"has {len(graph.keys)} buckets; rebuild it: tokprune-build {path.parent.parent} --rebuild")
+
+
 # ---- the engine set ------------------------------------------------------------------------------
 class TrtEngineSet:
     """Every bucket engine of one export on one GPU, sharing scratch memory and an output arena.
@@ -167,13 +196,22 @@ class TrtEngineSet:
         *,
         device: torch.device | str = "cuda",
         cuda_graphs: bool = False,
+        single: tuple[Path, Mapping[str, int]] | None = None,
+        graph: Any = None,
     ) -> None:
-        missing = [k for k, p in engine_paths.items() if p is None]
+        self.graph = graph if single is not None else None
+        self.profiles: dict[str, int] = dict(single[1]) if single is not None else {}
+        if single is not None and (graph is None or sorted(self.profiles) != sorted(graph.keys)):
+            raise ManifestError(
+                f"the single engine's profiles {sorted(self.profiles)} are not the dynamic graph's buckets "
+                f"{sorted(graph.keys) if graph is not None else None}; rebuild: tokprune-build DIR --rebuild"
+            )
+        missing = [k for k, p in engine_paths.items() if p is None and k not in self.profiles]
         if missing:
             raise ManifestError(
                 f"no TensorRT engine was built for buckets {missing}; build them on a GPU host: tokprune-build DIR"
             )
-        self.paths = {k: Path(p) for k, p in engine_paths.items()}
+        self.paths = {k: Path(single[0]) if k in self.profiles else Path(p) for k, p in engine_paths.items()}
         self.specs = dict(specs)
         self.device = torch.device(device)
         self.cuda_graphs = bool(cuda_graphs)
@@ -214,22 +252,30 @@ class TrtEngineSet:
         trt_logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(trt_logger)
         scratch = 0
+        loaded: dict[Path, Any] = {}  # the single engine is deserialized once for all its profiles
         with torch.cuda.device(self.device):
             for key, path in self.paths.items():
-                engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+                engine = loaded.get(path)
                 if engine is None:
-                    raise ManifestError(f"TensorRT could not deserialize {path}; rebuild: tokprune-build {path.parent.parent} --rebuild")
-                check_engine_io(engine, self.specs[key], trt, path)
+                    engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+                    if engine is None:
+                        raise ManifestError(f"TensorRT could not deserialize {path}; rebuild: tokprune-build {path.parent.parent} --rebuild")
+                    loaded[path] = engine
+                profile = self.profiles.get(key, 0)
+                if key in self.profiles:
+                    check_graph_engine_io(engine, self.graph, trt, path)
+                else:
+                    check_engine_io(engine, self.specs[key], trt, path)
                 context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
                 if engine.num_optimization_profiles > 1:
-                    context.set_optimization_profile_async(0, torch.cuda.current_stream(self.device).cuda_stream)
+                    context.set_optimization_profile_async(profile, torch.cuda.current_stream(self.device).cuda_stream)
                 if hasattr(engine, "get_device_memory_size_for_profile_v2"):
-                    need = engine.get_device_memory_size_for_profile_v2(0)
+                    need = engine.get_device_memory_size_for_profile_v2(profile)
                 else:
                     need = engine.device_memory_size_v2
                 scratch = max(scratch, int(need))
-                for t in self.specs[key].inputs():
-                    context.set_input_shape(t.name, t.shape)
+                for name, shape in self.input_shapes(key).items():
+                    context.set_input_shape(name, shape)
                 self._engines[key], self.contexts[key] = engine, context
             self.scratch = torch.empty(max(scratch, 1), dtype=torch.uint8, device=self.device)
             for context in self.contexts.values():
@@ -240,6 +286,12 @@ class TrtEngineSet:
             "TensorRT: %d engines, shared scratch %.1f MiB, output arena %.1f MiB",
             len(self.contexts), scratch / 2**20, self.plan.arena_bytes / 2**20,
         )
+
+    def input_shapes(self, key: str) -> dict[str, tuple[int, ...]]:
+        """The shapes a bucket's context is set to: its profile of the single engine, or its own inputs."""
+        if key in self.profiles:
+            return self.graph.profiles()[key]
+        return {t.name: t.shape for t in self.specs[key].inputs()}
 
     def _deactivate(self) -> None:
         self.contexts.clear()
@@ -258,6 +310,7 @@ class TrtRunner(Runner):
     def __init__(self, engines: TrtEngineSet, spec: BucketSpec, *, device: torch.device | str = "cuda") -> None:
         super().__init__(spec, device=device)
         self.engines = engines
+        self._stand_ins: dict[str, torch.Tensor] = {}
         self._views: dict[str, torch.Tensor] = {}
         self._graphs: dict[tuple[int, ...], Any] = {}
 
@@ -268,9 +321,14 @@ class TrtRunner(Runner):
         context = self.engines.contexts[key]
         for t in self._outputs:
             context.set_tensor_address(t.name, self._views[t.name].data_ptr())
+        if key in self.engines.profiles:  # inputs of the single engine this bucket does not feed: bound once
+            self._stand_ins = self.engines.graph.stand_in_buffers(self.spec, self.device)
+            for name, x in self._stand_ins.items():
+                context.set_tensor_address(name, x.data_ptr())
 
     def _deactivate(self) -> None:
         self._views = {}
+        self._stand_ins = {}
         self._graphs.clear()
         self.engines.release()
 

@@ -147,7 +147,7 @@ def fake_gpu_host(monkeypatch):
 def test_build_engines_records_the_build_in_the_manifest(export_half, tmp_path, fake_gpu_host):
     directory = tmp_path / "copy"
     shutil.copytree(export_half["dir"], directory)
-    engines = trt.build_engines(directory, progress=False)
+    engines = trt.build_engines(directory, progress=False, layout="per-bucket")  # single: tests/export/test_dynamic_trt.py
     manifest = load_manifest(directory)
     jsonschema.validate(manifest.data, MANIFEST_SCHEMA)
     assert engines["gpu"] == H100 and engines["tensorrt"] == "10.9.0.34" and engines["layout"] == "engine-per-bucket"
@@ -167,7 +167,7 @@ def test_build_engines_records_the_build_in_the_manifest(export_half, tmp_path, 
         assert profile == trt.profile_shapes(spec) and cfg["tf32"] is False
     assert all(c[2] is True for c in fake_gpu_host.calls if c[0] == "network")
     with pytest.raises(ManifestError, match="--rebuild"):
-        trt.build_engines(directory, progress=False)
+        trt.build_engines(directory, progress=False, layout="per-bucket")
     (directory / "engines" / f"{next(iter(specs))}.plan").write_bytes(b"tampered")
     assert any("corrupted: engines/" in p for p in verify(directory))
 
