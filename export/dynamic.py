@@ -350,7 +350,8 @@ def export_graph_onnx(model: torch.nn.Module, graph: GraphSpec, path: Path, *, o
     module = GraphModule(model, graph).eval()
     pruned = [s for s in graph.buckets if not s.dense]
     sample = pruned[0] if pruned else graph.buckets[0]
-    args = tuple(graph.sample_inputs(sample, seed).values())
+    device = next(model.parameters()).device  # trace where the model lives (a GPU host exports on the GPU)
+    args = tuple(x.to(device) for x in graph.sample_inputs(sample, seed).values())
     names = dict(input_names=graph.input_names(), output_names=graph.output_names(), opset_version=opset)
     axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in graph.io()}
     axes = {n: a for n, a in axes.items() if a}
