@@ -124,7 +124,7 @@ def calibrate(
     reuse: str = "noise",
     model: str | None = None,
     allow_reuse: bool = True,
-    max_rollouts: int = 24,
+    max_rollouts: int = 16,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Schedule:
@@ -145,7 +145,7 @@ def calibrate(
         prompts: calibration prompts (default: the model's own set where it has one, e.g. the ``shapes``
             yardstick's train captions, else the ~80 shipped ones); ``num_prompts`` of them, evenly spread,
             are measured and ``holdout_prompts`` others validate the pick.
-        max_rollouts: measured candidate schedules at most (seeds included; 24 is plenty for the search space).
+        max_rollouts: measured candidate schedules at most (9 seeds, then measured moves; 16 by default).
         policy: selection policy the runtime will use (``"cat"``, ``"dynamics"``, ``"random"``).
         prune_text: let the search prune text tokens too. allow_reuse: let it skip whole steps (K = 0).
         batch_size: prompts per transformer call while measuring (each call carries 2x that under CFG).
@@ -247,7 +247,7 @@ def calibrate(
 
 def _estimate_units(steps: int, budget: float, rollouts: int, calib: int, held: int) -> float:
     """Expected transformer work in dense prompt-steps (the progress bar's total)."""
-    per_rollout = steps * budget * 0.5  # a candidate re-runs about half its budget after the shared prefix
+    per_rollout = steps * budget * 0.75  # a candidate re-runs most of its budget after the shared warm-up
     return calib * (steps + rollouts * per_rollout) + held * (steps + steps * budget)
 
 

@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="other prompts that validate the chosen schedule (default: 2; 0 = no validation)",
     )
     tinker.add_argument(
-        "--max-rollouts", type=int, default=24,
-        help="candidate schedules measured at most, as whole sampling runs (default: 24)",
+        "--max-rollouts", type=int, default=16,
+        help="candidate schedules measured at most, as whole sampling runs (default: 16)",
     )
     tinker.add_argument(
         "--no-reuse-steps", action="store_true",

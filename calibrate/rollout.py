@@ -9,8 +9,9 @@ engines).
 
 Runs that share a plan prefix share its work: the run state after every step (latents, the
 pruner's caches and previous prediction, the policy's state) is kept as a snapshot keyed by the
-prefix, up to a memory cap (least recently used snapshots go first), and a new run resumes from
-the longest stored prefix. Dense warm-ups are therefore paid once per prompt set.
+prefix, up to a memory cap, and a new run resumes from the longest stored prefix. Dense warm-ups
+are what every candidate shares, so they are evicted last (other snapshots go least recently used
+first, then the longest warm-ups): a warm-up is paid once per prompt set.
 
 The loop is the ``StableDiffusion3Pipeline`` loop (same start latents from the seeded generator,
 same timesteps, guidance and scheduler step), so the dense rollout equals the pipeline's output
@@ -49,12 +50,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Rollouts", "default_snapshot_bytes", "relative_error"]
 
-DEFAULT_SNAPSHOT_BYTES = 3 * 2**30  # memory for stored run states on the CPU (per Rollouts object)
+DEFAULT_SNAPSHOT_BYTES = 4 * 2**30  # memory for stored run states on the CPU (per Rollouts object)
 CUDA_SNAPSHOT_SHARE = 0.3  # on a GPU: this share of the free device memory
 
 
 def default_snapshot_bytes(device: torch.device) -> int:
-    """Memory for prefix snapshots: 3 GiB on the CPU, 30% of the free memory on a CUDA device."""
+    """Memory for prefix snapshots: 4 GiB on the CPU, 30% of the free memory on a CUDA device."""
     if device.type == "cuda" and torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * CUDA_SNAPSHOT_SHARE)
@@ -136,6 +137,11 @@ def _state_bytes(latents: torch.Tensor, st: RunState | None) -> int:
         if st.prev_noise is not None:
             total += st.prev_noise.numel() * st.prev_noise.element_size()
     return total
+
+
+def _all_dense(prefix: tuple) -> bool:
+    """A prefix of dense, full-text steps without probes (the warm-up every candidate shares)."""
+    return all(k == ALL and t == ALL and not probe for k, t, probe in prefix)
 
 
 def _plan_key(plan: PrunePlan, steps: int) -> tuple[tuple[int, int, bool], ...]:
@@ -347,13 +353,30 @@ class Rollouts:
         nbytes = _state_bytes(latents, pruner.state)
         if nbytes > self.snapshot_bytes:
             return
+        warm = len(prefix) if _all_dense(prefix) else None
         while self._held + nbytes > self.snapshot_bytes and self._snapshots:
-            _, old = self._snapshots.popitem(last=False)
-            self._held -= old.nbytes
+            victim = self._victim(warm)
+            if victim is None:
+                return  # everything held is worth more than this one
+            self._held -= self._snapshots.pop(victim).nbytes
         self._snapshots[(policy, prefix)] = _Snapshot(
             latents=latents.clone(), state=_clone_state(pruner.state), policy=copy.deepcopy(pruner.policy), nbytes=nbytes
         )
         self._held += nbytes
+
+    def _victim(self, warmup_len: int | None) -> tuple | None:
+        """The snapshot to evict, or None to not store the new one.
+
+        Dense warm-ups are what every candidate shares: any other snapshot goes first (least
+        recently used first); a warm-up goes only for a shorter warm-up (shorter ones serve more
+        candidates)."""
+        for key in self._snapshots:  # OrderedDict: least recently used first
+            if not _all_dense(key[1]):
+                return key
+        if warmup_len is None:
+            return None
+        longest = max(self._snapshots, key=lambda k: len(k[1]))
+        return longest if len(longest[1]) > warmup_len else None
 
     def clear(self) -> None:
         """Drop every stored snapshot (frees their memory)."""

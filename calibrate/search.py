@@ -11,7 +11,7 @@ construction and the search only decides *how* to spend the budget.
 
 1. **Seeds**, each measured: CAT's fixed schedule at several warm-ups t0 (4, 6, 8, 10 of 28),
    RAS-style periodic dense refresh, dense/reuse interleaving, some reuse between pruned steps,
-   a falling keep profile and text pruning (when allowed).
+   a falling keep profile and text pruning (when allowed): 9 runs.
 2. **Measured moves** from the best: change one structural knob (warm-up +-1/+-2, refresh
    period, reuse spacing, keep profile, text fraction), measure every feasible neighbour, move to
    the best if it is better, until no neighbour improves or the rollout budget is spent.
@@ -228,11 +228,10 @@ def seeds(steps: int, *, allow_reuse: bool = True, prune_text: bool = True) -> l
     """The starting structures (named), deduplicated."""
     w = lambda n: warmup_steps(n / 28, steps)  # noqa: E731 - a warm-up given for 28 steps, scaled
     out: list[tuple[str, Structure]] = [(f"cat-t0={n}", Structure(w(n))) for n in (4, 6, 8, 10)]
-    out += [(f"ras-refresh={r}", Structure(w(4), refresh=r)) for r in (3, 5)]
+    out += [("ras-refresh=4", Structure(w(4), refresh=4))]
     out += [("cat-down", Structure(w(8), shape="down"))]
     if allow_reuse:
         out += [("interleaved-2", Structure(w(8), refresh=2, reuse_every=1)),
-                ("interleaved-3", Structure(w(6), refresh=3, reuse_every=1)),
                 ("cat-reuse-3", Structure(w(6), reuse_every=3))]
     if prune_text:
         out += [("cat-text-0.5", Structure(w(8), text=0.5))]
@@ -277,7 +276,7 @@ def search(
     reuse: str = "noise",
     allow_reuse: bool = True,
     prune_text: bool = True,
-    max_rollouts: int = 24,
+    max_rollouts: int = 16,
     extra_seeds: Iterable[tuple[str, Structure]] = (),
 ) -> SearchResult:
     """Seeds, then measured best-neighbour moves, within ``max_rollouts`` measurements (module docstring).

@@ -76,3 +76,19 @@ def test_decode_matches_the_pipeline_images(pipe, rollouts):
     want = pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=5.0, generator=torch.Generator().manual_seed(3),
                 output_type="np", max_sequence_length=MSL).images
     assert got.shape == want.shape and abs(got - want).max() < 1e-5
+
+
+def test_short_dense_warmups_are_kept_when_memory_is_short(pipe):
+    """Snapshots are capped; dense warm-ups (shared by every candidate) are evicted last, shortest kept."""
+    probe = Rollouts(pipe, PROMPTS, steps=STEPS, guidance=5.0, max_sequence_length=MSL, seed=3)
+    probe.dense()
+    one = max(s.nbytes for s in probe._snapshots.values())
+    ro = Rollouts(pipe, PROMPTS, steps=STEPS, guidance=5.0, max_sequence_length=MSL, seed=3,
+                  snapshot_bytes=3 * one)
+    ro.dense()
+    assert sorted(len(k[1]) for k in ro._snapshots) == [1, 2, 3]  # the three shortest warm-ups
+    ro.run(cat_schedule(ro.geometry, STEPS, 0.6, t0=2))  # its pruned prefixes do not push warm-ups out
+    assert sorted(len(k[1]) for k in ro._snapshots) == [1, 2, 3]
+    before = ro.executed_steps
+    ro.run(cat_schedule(ro.geometry, STEPS, 0.7, t0=3))
+    assert ro.executed_steps - before <= STEPS - 2  # resumed from a stored warm-up
