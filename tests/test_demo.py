@@ -11,14 +11,15 @@ from tokprune.export.manifest import verify
 
 def test_demo_exports_engines_and_writes_grid_and_table(tmp_path):
     args = _parser().parse_args(
-        ["--model", "sd3-tiny", "--budget", "0.5", "--steps", "6", "--n", "2",
+        ["--model", "sd3-tiny", "--budget", "0.5", "--steps", "6", "--n", "2", "--no-reuse-steps",
          "--engines", str(tmp_path / "engines"), "--report", str(tmp_path / "report")]
     )
     result = run(args)
     assert verify(tmp_path / "engines") == []
     manifest = json.loads((tmp_path / "engines" / "manifest.json").read_text())
     assert abs(manifest["mac_fraction"] - 0.5) <= 0.02
-    # Token pruning only: at least one bucket keeps fewer image tokens than the dense one.
+    # Token pruning only (--no-reuse-steps; on the random tiny model whole-step reuse may win otherwise):
+    # at least one bucket keeps fewer image tokens than the dense one.
     keeps = [b["image_keep"] for b in manifest["buckets"]]
     assert min(keeps) < max(keeps)
     assert (tmp_path / "report" / "grid.png").stat().st_size > 0

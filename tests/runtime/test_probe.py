@@ -52,7 +52,7 @@ def test_export_writes_a_plain_dense_bucket_and_its_probe_variant(probe_export):
     assert {b["key"]: b["steps"] for b in m.buckets} == {DENSE: [0, 3], PROBE: [1], TEXT_PRUNED: [2]}
     assert m.step_buckets == [DENSE, PROBE, TEXT_PRUNED, DENSE]
     # its own ONNX file, weights shared in weights.bin
-    assert {p.name for p in probe_export.glob("*.onnx")} == {f"{k}.onnx" for k in m.keys}
+    assert {f"{k}.onnx" for k in m.keys} <= {p.name for p in probe_export.glob("*.onnx")}
     assert m.onnx_path(PROBE).stat().st_size < (probe_export / "weights.bin").stat().st_size
     assert verify(probe_export) == []
     jsonschema.validate(json.loads((probe_export / "manifest.json").read_text()), MANIFEST_SCHEMA)
