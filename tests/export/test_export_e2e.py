@@ -38,8 +38,9 @@ def test_budget_half_exports_every_bucket(export_half):
     assert set(k for k in m.step_buckets if k) | dense_keys == set(specs)
     assert all(b["exporter"] == "dynamo" for b in m.buckets)
     assert verify(d) == []
+    assert m.data["graph"] is not None  # two or more buckets: the one dynamic-K graph too (export/dynamic.py)
     assert sorted(p.name for p in d.iterdir()) == sorted(
-        ["manifest.json", "schedule.json", "weights.bin"] + [f"{k}.onnx" for k in specs])
+        ["manifest.json", "schedule.json", "weights.bin", "graph.onnx"] + [f"{k}.onnx" for k in specs])
     assert not any(p.name.endswith(".partial") for p in d.parent.iterdir())  # renamed into place, temp gone
 
 
