@@ -19,7 +19,7 @@ Selection (policies), cache updates and the previous prediction stay torch ops o
 between replays: nothing in the loop waits for the host.
 
 What breaks capture, and the errors (:class:`CudaGraphError`, naming ``cuda_graphs=True`` /
-``--cuda-graphs`` and the fix): no CUDA device; a feed whose shape, dtype or device differs from
+the fix): no CUDA device; a feed whose shape, dtype or device differs from
 the bucket's I/O table (a graph replays fixed shapes); a host synchronisation inside the call
 (``.item()``, ``.cpu()``, ``nonzero``, data-dependent shapes), detected during the warm-up run with
 ``torch.cuda.set_sync_debug_mode("error")`` before capture is attempted.
@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["OPTION", "STAGED_INPUTS", "BucketGraphs", "CudaGraphError", "TorchCudaBackend", "require_cuda"]
 
 #: How the option is spelled for users, in every message.
-OPTION = "cuda_graphs=True (tokprune-generate / tokprune-bench --cuda-graphs)"
+OPTION = "cuda_graphs=True (tokprune.runtime.load)"
 #: Inputs copied into static buffers before each replay; everything else (the caches) is bound by address.
 STAGED_INPUTS = ("latent", "encoder_hidden_states", "pooled_projections", "timestep", "img_idx", "txt_idx", "prev_noise")
 

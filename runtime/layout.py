@@ -39,9 +39,9 @@ def check_cuda_graphs(cuda_graphs: bool, backend: RuntimeBackend, device: torch.
 
     if backend is RuntimeBackend.ONNXRUNTIME:
         raise ConfigError(
-            f"{OPTION} is implemented for --backend torch and --backend tensorrt; ONNX Runtime's CUDA provider "
+            f"{OPTION} is implemented for backend='torch' and 'tensorrt'; ONNX Runtime's CUDA provider "
             "has its own graph mode (enable_cuda_graph) that needs every input at a fixed address, which this "
-            "runtime does not wire. Drop --cuda-graphs, or use --backend torch|tensorrt"
+            "runtime does not wire. Drop cuda_graphs, or load with backend='torch' or 'tensorrt'"
         )
     require_cuda(device)
 
