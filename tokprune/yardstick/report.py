@@ -30,6 +30,8 @@ METRICS: tuple[str, ...] = ("psnr", "ssim", "iou", "acc", "latent_err")
 HIGHER_BETTER = {"psnr": True, "ssim": True, "iou": True, "acc": True, "latent_err": False}
 TARGETS_DB = {0.5: 40.0, 0.3: 32.0}  # the PSNR targets vs dense
 MAC_TOL = 0.01
+# Below these the dense re-run reads "no difference" (float round-off, not noise): no ratio is stated.
+NOISE_RESOLUTION = {"psnr": 1e-9, "iou": 1e-9, "ssim": 1e-6, "latent_err": 1e-9}
 
 
 def _concat(chunks: list[dict[str, Any]], key: str, n: int) -> np.ndarray | None:
@@ -154,7 +156,7 @@ def findings(agg: dict[str, Any]) -> list[str]:
             noise = _noise(agg, m)
             ideal = PSNR_CAP_DB if m == "psnr" else 1.0
             dist = ideal - r[m]["mean"]
-            ratio = f"{dist / noise:.0f}x" if noise > 0 else "inf x (the re-run is identical)"
+            ratio = f"{dist / noise:.0f}x" if noise > NOISE_RESOLUTION[m] else "inf x (the re-run reads no difference)"
             outside = r[m]["hi"] < ideal - noise
             parts.append(f"{label} {_fmt_ci(r[m], 4)} is {dist:.4g} from dense = {ratio} the re-run noise "
                          f"{noise:.2g}; CI half-width {half_width((r[m]['mean'], r[m]['lo'], r[m]['hi'])):.2g}, "
