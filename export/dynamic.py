@@ -449,8 +449,15 @@ def check_graph_equivalence(
     if graph.precision is Precision.BF16:
         return {k: {**base, "status": "skipped", "reason": "numpy (ONNX Runtime's CPU feed) cannot hold bfloat16"}
                 for k in graph.keys}
-    session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
     reports = {}
+    try:
+        session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT's CPU provider lacks some fp16 kernels: as check_equivalence, skip, don't fail
+        if graph.precision is Precision.FP32:
+            raise
+        reason = f"ONNX Runtime's CPU provider cannot run this {graph.precision.value} graph: {str(exc).strip()[:200]}"
+        logger.warning("dynamic graph: equivalence not checked: %s", reason)
+        return {k: {**base, "status": "skipped", "reason": reason} for k in graph.keys}
     for spec in graph.buckets:
         full = graph.sample_inputs(spec, seed)
         reference = BucketModule(model, spec).run({n: full[n] for n in spec.input_names()})

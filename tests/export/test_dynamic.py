@@ -167,3 +167,22 @@ def test_single_bucket_exports_have_no_graph(export_dense):
     m = load_manifest(export_dense["dir"])
     assert m.data["graph"] is None and m.graph_path() is None
     assert not (export_dense["dir"] / GRAPH_FILE).exists()
+
+
+def test_an_interrupted_exports_graph_is_reused_only_for_the_same_buckets(export_half, tmp_path):
+    """The exporter's resume rule: the recorded graph is reused when it serves exactly these buckets and re-hashes."""
+    import shutil
+
+    from tokprune.export.exporter import _graph_done
+    from tokprune.export.manifest import load_manifest
+
+    work = tmp_path / "work"
+    shutil.copytree(export_half["dir"], work)
+    m = load_manifest(work)
+    entry, specs = m.data["graph"], list(m.bucket_specs().values())
+    assert _graph_done(work, entry, specs)
+    assert not _graph_done(work, None, specs)
+    assert not _graph_done(work, entry, [s for s in specs if not s.dense])  # another schedule's buckets
+    with open(work / GRAPH_FILE, "ab") as fh:
+        fh.write(b"\0")
+    assert not _graph_done(work, entry, specs)  # damaged: traced again
