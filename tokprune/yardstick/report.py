@@ -175,12 +175,15 @@ def findings(agg: dict[str, Any]) -> list[str]:
             won = [o["row"] for o in others if m in o.get("calibrated_minus_this", {})
                    and o["calibrated_minus_this"][m]["lo"] > 0]
             tied = [o["row"] for o in others if o["row"] not in lost + won and m in o.get("calibrated_minus_this", {})]
+            if not lost + won + tied:
+                continue  # metric not measured (no checker on this model) or no other row at this budget
             verdicts.append(
                 f"{label}: " + ("best or tied" if not lost else "LOSES to " + ", ".join(
                     f"{o} ({_fmt_ci(by[o]['calibrated_minus_this'][m], 3)})" for o in lost))
                 + f" (better than {len(won)}, tied within the interval with {len(tied)})"
             )
-        out.append(f"Budget {b:g}: calibrated " + "; ".join(verdicts) + ".")
+        if verdicts:
+            out.append(f"Budget {b:g}: calibrated " + "; ".join(verdicts) + ".")
         target = TARGETS_DB.get(b)
         if target is not None and "psnr" in cal:
             gap = cal["psnr"]["mean"] - target
