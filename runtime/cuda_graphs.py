@@ -21,8 +21,9 @@ between replays: nothing in the loop waits for the host.
 What breaks capture, and the errors (:class:`CudaGraphError`, naming ``cuda_graphs=True`` /
 the fix): no CUDA device; a feed whose shape, dtype or device differs from
 the bucket's I/O table (a graph replays fixed shapes); a host synchronisation inside the call
-(``.item()``, ``.cpu()``, ``nonzero``, data-dependent shapes), detected during the warm-up run with
-``torch.cuda.set_sync_debug_mode("error")`` before capture is attempted.
+(``.item()``, ``.cpu()``, ``nonzero``, data-dependent shapes), detected by one warm-up run under
+``torch.cuda.set_sync_debug_mode("error")`` before capture is attempted (after unchecked warm-up
+runs that may compile or initialise lazily).
 
 The capture mechanics go through a small backend object (:class:`TorchCudaBackend`), so the
 bookkeeping (which buffers exist, when a capture happens, what a replay reads and returns) is unit-
@@ -87,12 +88,13 @@ class TorchCudaBackend:
         return torch.cuda.Stream(self.device)
 
     @contextlib.contextmanager
-    def warmup(self, stream: Any) -> Iterator[None]:
-        """Run the warm-up call on ``stream`` with host syncs turned into errors."""
+    def warmup(self, stream: Any, *, check_sync: bool) -> Iterator[None]:
+        """Run a warm-up call on ``stream``; ``check_sync``: host syncs raise (the call as it will be captured)."""
         current = torch.cuda.current_stream(self.device)
         stream.wait_stream(current)
         previous = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
+        if check_sync:
+            torch.cuda.set_sync_debug_mode("error")
         try:
             with torch.cuda.stream(stream):
                 yield
@@ -131,7 +133,8 @@ class BucketGraphs:
         inputs / outputs: the bucket's :class:`TensorSpec` lists (its I/O table).
         device: the CUDA device; ``backend``: capture mechanics (default :class:`TorchCudaBackend`).
         max_graphs: captured graphs kept per bucket (one per set of cache addresses; LRU).
-        warmup: eager runs before the first capture (lazy initialisations happen outside capture).
+        warmup: unchecked runs before the first capture (lazy initialisation, compilation), followed by
+            one run with host syncs turned into errors, then the capture.
     """
 
     def __init__(
@@ -203,10 +206,12 @@ class BucketGraphs:
         static = {name: feed[name].detach().clone() for name in self.staged}
         args = [static[t.name] if t.name in static else feed[t.name] for t in self.inputs]
         stream = self.backend.side_stream()
+        for _ in range(self.warmup):  # lazy initialisation, torch.compile's first call: syncs allowed here
+            with self.backend.warmup(stream, check_sync=False):
+                self.fn(*args)
         try:
-            with self.backend.warmup(stream):
-                for _ in range(max(1, self.warmup)):
-                    self.fn(*args)
+            with self.backend.warmup(stream, check_sync=True):  # the call exactly as captured: no host sync
+                self.fn(*args)
         except Exception as exc:  # noqa: BLE001 - reported with the option and the fix
             raise CudaGraphError(
                 f"bucket {self.key}: the warm-up call before CUDA graph capture failed ({type(exc).__name__}: "

@@ -42,8 +42,8 @@ class FakeBackend:
         return None
 
     @contextlib.contextmanager
-    def warmup(self, stream):
-        self.warming = True
+    def warmup(self, stream, *, check_sync):
+        self.warming = check_sync  # only the checked run reports host syncs
         try:
             yield
         finally:
@@ -134,7 +134,10 @@ def test_shape_change_is_refused_naming_the_option(model, spec):
 def test_host_sync_in_warmup_is_a_clear_error(spec):
     backend = FakeBackend()
 
+    calls = []
+
     def syncing(*args):
+        calls.append(backend.warming)
         if backend.warming:
             raise RuntimeError("called a synchronizing CUDA operation")
         return ()
@@ -142,7 +145,7 @@ def test_host_sync_in_warmup_is_a_clear_error(spec):
     graphs = BucketGraphs(syncing, spec.key, spec.inputs(), spec.outputs(), "cpu", backend=backend)
     with pytest.raises(CudaGraphError, match=r"host synchronisation .* run without cuda_graphs=True"):
         graphs(spec.sample_inputs(0))
-    assert len(graphs) == 0
+    assert len(graphs) == 0 and calls == [False, True]  # an unchecked warm-up (compile, lazy init), then the checked run
 
 
 def test_no_cuda_device_is_refused():
