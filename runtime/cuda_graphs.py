@@ -82,7 +82,6 @@ class TorchCudaBackend:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.pool: Any = None  # one memory pool shared by every graph of this bucket set
 
     def side_stream(self) -> Any:
         return torch.cuda.Stream(self.device)
@@ -107,9 +106,8 @@ class TorchCudaBackend:
 
     @contextlib.contextmanager
     def capture(self, graph: Any, stream: Any) -> Iterator[None]:
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+        # a private memory pool per graph: graphs of different cache sets may replay in any order
+        with torch.cuda.graph(graph, stream=stream):
             yield
 
     def replay(self, graph: Any) -> None:
