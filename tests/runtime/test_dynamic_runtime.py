@@ -73,3 +73,20 @@ def test_cuda_graph_option_refusals(pruned_export):
         runtime.load(pruned_export, backend="onnxruntime", cuda_graphs=True, check_files=False)
     with pytest.raises(BackendUnavailableError, match=r"cuda_graphs=True .*needs a CUDA device, got device cpu"):
         runtime.load(pruned_export, backend="torch", device="cpu", cuda_graphs=True, check_files=False)
+
+
+def test_a_static_file_passed_as_the_graph_is_refused(pruned_export):
+    from tokprune.export.dynamic import GraphSpec
+    from tokprune.export.manifest import load_manifest
+    from tokprune.runtime.runners import OnnxRuntimeRunner
+
+    from tokprune.errors import ShapeError
+
+    m = load_manifest(pruned_export)
+    specs = m.bucket_specs()
+    graph = GraphSpec.from_buckets(specs)
+    key = graph.keys[1]
+    runner = OnnxRuntimeRunner(m.onnx_path(key), specs[key], graph=graph)  # a static bucket file, not graph.onnx
+    with pytest.raises(ShapeError, match=r"differs from bucket .*re-export it"):
+        runner.activate()
+    assert not runner.is_active and runner.shared.users == 0  # the shared session was given back
