@@ -179,7 +179,7 @@ def test_inspect_prints_the_table_and_verifies(export_half, capsys):
     out = capsys.readouterr().out
     m = load_manifest(export_half["dir"])
     assert all(k in out for k in m.keys) and "mac_fraction" in out and "cache.blocks.0.k" in out
-    assert f"verified: {len(m.files())} files" in out
+    assert f"verified: the manifest matches its content hash and {len(m.files())} files match their sha256" in out
 
 
 def test_corrupted_or_missing_files_are_named(export_half, tmp_path, capsys):
