@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     tinker.add_argument("--width", type=int, help="image width (default: the engines')")
     tinker.add_argument("--negative-prompt", default=None, help="negative prompt (CFG)")
     tinker.add_argument("--device", default=None, help="cpu or cuda (default: cuda for tensorrt, else cpu)")
+    tinker.add_argument("--cuda-graphs", action="store_true",
+                        help="capture one CUDA graph per bucket and replay it every step (torch and tensorrt backends, CUDA)")
+    tinker.add_argument("--layout", choices=("single", "per-bucket"), default=None,
+                        help="run the one dynamic-K graph for all buckets, or one static graph per bucket "
+                             "(default: single on CUDA / TensorRT, per-bucket for ONNX Runtime on the CPU)")
     tinker.add_argument("--dense", action="store_true", help="run the dense bucket at every step (no pruning)")
     return add_common(p)
 
@@ -162,7 +167,8 @@ def _generate(args: argparse.Namespace) -> int:
         manifest.data, steps=args.steps, height=args.height, width=args.width, guidance=args.guidance,
         rebuild=rebuild_command(manifest),
     )
-    rt = runtime.load(args.engines, backend=backend, device=args.device, pruned=not args.dense)
+    rt = runtime.load(args.engines, backend=backend, device=args.device, pruned=not args.dense,
+                      cuda_graphs=args.cuda_graphs, layout=args.layout)
     g = rt.manifest.geometry
     pipe = load_components(rt.manifest, device=rt.device, dtype=rt.dtype, with_transformer=False)
     pipe.set_progress_bar_config(disable=args.quiet)
