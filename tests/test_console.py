@@ -13,13 +13,14 @@ from tokprune import console
 from tokprune.errors import ConfigError, ModelNotFoundError, TokpruneError
 from tokprune.export.errors import ExportError
 
-SCRIPTS = {  # [project.scripts], tokprune-quality aside (its main lives in the yardstick)
+SCRIPTS = {  # [project.scripts]
     "tokprune-export": "tokprune.export.cli:main",
     "tokprune-build": "tokprune.export.cli:build_main",
     "tokprune-inspect": "tokprune.export.cli:inspect_main",
     "tokprune-calibrate": "tokprune.calibrate.cli:main",
     "tokprune-generate": "tokprune.runtime.cli:generate_main",
     "tokprune-bench": "tokprune.runtime.bench_cli:main",
+    "tokprune-quality": "tokprune.yardstick.quality:main",
     "tokprune-demo": "tokprune.demo:main",
 }
 

@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from tokprune.errors import ConfigError, TokpruneError
+from tokprune.console import add_common, console_main
+from tokprune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -97,21 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimate", action="store_true", help="measure one dense caption, print the projected time, stop")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from OUT/.work/records.jsonl")
     p.add_argument("--fresh", action="store_true", help="discard OUT/.work (earlier records of this comparison)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
+    return add_common(p)  # --quiet, --debug, --log-level and the exit codes, as every tokprune command
 
 
+@console_main(PROG, interrupted_hint="re-run the same command to resume (finished rows are recorded)")
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``tokprune-quality``. Returns 0, or 2 on bad input."""
+    """Entry point of ``tokprune-quality``: exit 0 ok, 1 failure, 2 bad input, 130 interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        return _run(args, argv)
-    except TokpruneError as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
-        return 2
+    return _run(args, argv)
 
 
 def _invocation() -> list[str]:
@@ -207,6 +202,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     key = {k: v for k, v in settings.items() if k != "n"}
     work = args.out / ".work"
     if args.fresh and work.exists():
+        if not (work / RunStore.FILE).is_file():  # only a work folder this command made
+            raise ConfigError(f"--fresh: {work} was not written by {PROG} (no {RunStore.FILE}); move it away instead")
         shutil.rmtree(work)
     store = RunStore(work, key)
     command = shlex.join([*_invocation(), *argv])
