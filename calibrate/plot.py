@@ -17,9 +17,9 @@ def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
     img, txt, reuse_steps = [], [], []
     for s in steps:
         b = schedule.bucket_at(s)
-        if b is None:
+        if b is None:  # no call: no bar, and a gap in the text line
             img.append(0.0)
-            txt.append(0.0)
+            txt.append(float("nan"))
             reuse_steps.append(s)
         else:
             img.append(b.image_keep / n)
