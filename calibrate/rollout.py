@@ -160,6 +160,8 @@ class Rollouts:
         prompts: the prompt set; all prompts run in one batch (2x under CFG): keep it small.
         steps, guidance, height, width, max_sequence_length: the call the schedule is for.
         seed: start latents come from ``torch.Generator().manual_seed(seed)`` as in a pipeline call.
+        seeds: one seed per prompt instead (as a pipeline call with a list of generators), so a prompt's
+            start latent does not depend on its place in the batch.
     Args to tinker with:
         policy: the default selection policy name for :meth:`run`.
         select_from: what the policy scores under CFG (``"guided"`` or ``"cond"``, as :func:`pruning.apply`).
@@ -177,6 +179,7 @@ class Rollouts:
         width: int | None = None,
         max_sequence_length: int = 256,
         seed: int = 0,
+        seeds: Sequence[int] | None = None,
         reuse: str = "noise",
         policy: str = "cat",
         select_from: str = "guided",
@@ -193,6 +196,9 @@ class Rollouts:
         self.reuse = reuse
         self.policy = policy
         self.seed = int(seed)
+        if seeds is not None and len(seeds) != len(self.prompts):
+            raise ConfigError(f"seeds: got {len(seeds)} for {len(self.prompts)} prompts; expected one per prompt")
+        self.seeds = None if seeds is None else [int(x) for x in seeds]
         self.select_from = select_from
         self.on_step = on_step  # called with the MAC fraction of every executed step (progress)
         vsf = int(pipe.vae_scale_factor)
@@ -242,7 +248,10 @@ class Rollouts:
             self.text_protect = torch.cat([neg_mask, mask])
         else:
             self.encoder_hidden_states, self.pooled, self.text_protect = pos, pooled, mask
-        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        if self.seeds is None:
+            gens = torch.Generator(device="cpu").manual_seed(self.seed)
+        else:  # one generator per prompt, as pipe(prompts, generator=[...]) draws them
+            gens = [torch.Generator(device="cpu").manual_seed(x) for x in self.seeds]
         self.start = pipe.prepare_latents(
             len(self.prompts),
             pipe.transformer.config.in_channels,
@@ -250,7 +259,7 @@ class Rollouts:
             self.width,
             pos.dtype,
             self.device,
-            gen,
+            gens,
             None,
         )
         sched = copy.deepcopy(pipe.scheduler)

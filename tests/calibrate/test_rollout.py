@@ -92,3 +92,12 @@ def test_short_dense_warmups_are_kept_when_memory_is_short(pipe):
     before = ro.executed_steps
     ro.run(cat_schedule(ro.geometry, STEPS, 0.7, t0=3))
     assert ro.executed_steps - before <= STEPS - 2  # resumed from a stored warm-up
+
+
+def test_per_prompt_seeds_match_a_pipeline_call_with_a_generator_list(pipe):
+    ro = Rollouts(pipe, PROMPTS, steps=STEPS, guidance=5.0, max_sequence_length=MSL, seeds=[7, 11])
+    want = pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent", max_sequence_length=MSL,
+                generator=[torch.Generator().manual_seed(7), torch.Generator().manual_seed(11)]).images
+    assert torch.equal(ro.dense(), want.float())
+    alone = Rollouts(pipe, PROMPTS[1:], steps=STEPS, guidance=5.0, max_sequence_length=MSL, seeds=[11])
+    assert torch.equal(alone.start[0], ro.start[1])  # a prompt's start does not depend on its place
