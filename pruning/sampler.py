@@ -149,13 +149,8 @@ class TokenPruner:
     def _check_scheduler_steps(self) -> None:
         """At the start of a run: the scheduler's step count must be the plan's (a shorter call would
         silently run the first steps of a longer plan)."""
-        sched = self.scheduler
-        if sched is None:
-            return
-        n = getattr(sched, "num_inference_steps", None)
-        if n is None and getattr(sched, "timesteps", None) is not None:
-            n = len(sched.timesteps)
-        if n is not None and int(n) != self.plan.num_steps:
+        n = scheduler_steps(self.scheduler)
+        if n is not None and n != self.plan.num_steps:
             raise ConfigError(
                 f"the pipeline runs {int(n)} denoising steps but the plan has {self.plan.num_steps}; call it with "
                 f"num_inference_steps={self.plan.num_steps}, or apply a plan of {int(n)} steps"
@@ -341,6 +336,16 @@ class TokenPruner:
         if p.shape != (g.batch, g.text_tokens):
             raise ShapeError(f"text_protect has shape {tuple(p.shape)}; expected ({g.batch}, {g.text_tokens}) or ({g.text_tokens},)")
         return p
+
+
+def scheduler_steps(scheduler: Any) -> int | None:
+    """The step count a diffusers scheduler was set up for (None when unknown or no scheduler)."""
+    if scheduler is None:
+        return None
+    n = getattr(scheduler, "num_inference_steps", None)
+    if n is None and getattr(scheduler, "timesteps", None) is not None:
+        n = len(scheduler.timesteps)
+    return None if n is None else int(n)
 
 
 def _split(target: Any) -> tuple[torch.nn.Module, Any]:

@@ -44,7 +44,7 @@ from tokprune.export.spec import BucketSpec, bucket_key
 from tokprune.pruning.forward import StepOutput, scatter_rows
 from tokprune.pruning.geometry import Geometry
 from tokprune.pruning.plan import PrunePlan
-from tokprune.pruning.sampler import RunState, StepInputs, TokenPruner
+from tokprune.pruning.sampler import RunState, StepInputs, TokenPruner, scheduler_steps
 from tokprune.runtime.runners import (
     OnnxRuntimeRunner,
     Runner,
@@ -460,13 +460,8 @@ class EngineTransformer(torch.nn.Module):
         return st is None or st.step >= self.plan.num_steps
 
     def _check_steps(self) -> None:
-        sched = self._pruner.scheduler
-        if sched is None:
-            return
-        n = getattr(sched, "num_inference_steps", None)
-        if n is None and getattr(sched, "timesteps", None) is not None:
-            n = len(sched.timesteps)
-        if n is not None and int(n) != self.plan.num_steps:
+        n = scheduler_steps(self._pruner.scheduler)
+        if n is not None and n != self.plan.num_steps:
             data = self._engines.manifest.data
             raise ConfigError(
                 f"the pipeline runs {int(n)} denoising steps but the engines in {self._engines.directory} were scheduled "
