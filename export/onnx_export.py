@@ -5,7 +5,7 @@
 :meth:`BucketSpec.inputs` order and returning its outputs in :meth:`BucketSpec.outputs`
 order, so the graph's names come from the spec and nowhere else.
 
-Reduced precision (DESIGN.md §5): :func:`cast_for_export` casts the transformer's weights
+Reduced precision: :func:`cast_for_export` casts the transformer's weights
 to fp16 / bf16 but keeps every LayerNorm / RMSNorm in fp32 (explicit casts around them), and
 :func:`precision_patches` makes attention compute its softmax in fp32 while tracing. The
 PyTorch reference of the equivalence check runs under the same patches.

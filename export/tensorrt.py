@@ -2,7 +2,7 @@
 
 Nothing here imports ``tensorrt`` or ``polygraphy.backend.trt`` at module import time, so
 ``--help``, ONNX export and every check derivable without TensorRT work on a CPU host. The
-build itself is written against the documented API (DESIGN.md §6) and cannot run in the
+build itself is written against the documented TensorRT 10/11 API and cannot run in the
 workplace that wrote it (no TensorRT, no GPU); everything around it (profiles, flags,
 refusals, manifest entries, lint) is unit-tested.
 

@@ -1,7 +1,7 @@
 """Weights stored once: every bucket's ONNX graph points into one shared ``weights.bin``.
 
 Each static-shape bucket is a separate ONNX graph, and every graph would normally carry a
-full copy of the transformer's weights (DESIGN.md §4: ~4 GB fp16 for SD3-medium, per bucket).
+full copy of the transformer's weights (~4 GB fp16 for SD3-medium, per bucket).
 :class:`SharedWeights` is an append-only, content-addressed file: an initializer's raw bytes
 are hashed (sha256) and written once; every graph that holds the same bytes — under the same
 name or not — gets an ONNX external-data reference (``location=weights.bin``, ``offset``,

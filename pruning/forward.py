@@ -3,7 +3,7 @@
 This is the single implementation used by the eager sampler (``inplace=True``), by the ONNX
 export (``inplace=False``, a pure function of its inputs) and by calibration probes.
 
-What one call computes, per joint block ``i`` (DESIGN.md §3, CAT Pruning):
+What one call computes, per joint block ``i`` (as CAT Pruning describes it):
 
 - image stream: only the K selected rows ``x[idx]`` go through norm1 / Q / K / V / out-proj / FF;
   their fresh keys and values are written into the block's K/V cache of all N tokens

@@ -6,7 +6,7 @@ One call does the whole measurement and prints a markdown table LAST:
     PYTHONPATH=. python results/gpu/bench_sd3_medium.py --out $OUT            # H100, ~6-8 min
     python results/gpu/bench_sd3_medium.py --tiny --out /tmp/bench_tiny       # CPU plumbing check, < 60 s
 
-What it builds and measures (DESIGN.md sections 2, 3, 7, 8):
+What it builds and measures:
 
 - the full SD3-medium transformer architecture (diffusers ``SD3Transformer2DModel``, 24 blocks,
   24 heads x 64, ~2.0 B parameters), random weights initialised on the device, bf16;
