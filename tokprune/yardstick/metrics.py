@@ -133,8 +133,12 @@ def object_iou(pruned: Any, dense: Any) -> float:
 
     ref = object_masks(dense)
     labels = palette_labels(as_uint8(pruned))
+    dense_labels = palette_labels(as_uint8(dense))
     ious = []
-    for (r, c), (mask, colour) in ref.items():
+    for (r, c), (_, colour) in ref.items():
+        # like with like: the dense object's own colour component against the pruned one's, so identical
+        # images score exactly 1 (the cell's whole foreground would include edge pixels of other colours)
+        mask = cell_component(dense_labels, r, c, dense_labels == colour)
         got = cell_component(labels, r, c, labels == colour)
         union = int((mask | got).sum())
         ious.append(float((mask & got).sum()) / union if union else 1.0)
