@@ -37,7 +37,7 @@ from tokprune.calibrate.search import describe, search
 from tokprune.errors import ConfigError, ShapeError
 from tokprune.pruning.geometry import REUSE_MODES, Geometry
 from tokprune.pruning.macs import dense_macs, mac_fraction, step_macs
-from tokprune.pruning.plan import ALL, PrunePlan
+from tokprune.pruning.plan import PrunePlan
 
 logger = logging.getLogger(__name__)
 

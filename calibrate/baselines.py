@@ -20,7 +20,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tokprune.errors import ConfigError
 from tokprune.pruning.geometry import Geometry
@@ -70,13 +70,18 @@ def keep_levels(num_tokens: int, align: int) -> list[int]:
     return sorted({align_up(k, align, num_tokens) for k in range(align, num_tokens, align)} - {num_tokens})
 
 
-def _closest(geometry: Geometry, plans: Sequence[PrunePlan], budget: float, reuse: str) -> tuple[PrunePlan, float]:
-    """The plan whose MAC fraction is closest to ``budget`` (ties: the cheaper one)."""
+def _closest(
+    geometry: Geometry, plans: Sequence[PrunePlan], budget: float, reuse: str, refusal: Callable[[float], str]
+) -> PrunePlan:
+    """The plan whose MAC fraction is closest to ``budget`` (ties: the cheaper one); :class:`ConfigError`
+    with ``refusal(closest fraction)`` when even that one is off by more than :data:`TOLERANCE`."""
     scored = [(abs(f - budget), f, p) for p in plans for f in (mac_fraction(geometry, p, reuse),)]
     if not scored:
         raise ConfigError("no candidate schedule")
-    _, f, p = min(scored, key=lambda x: (x[0], x[1]))
-    return p, f
+    gap, f, p = min(scored, key=lambda x: (x[0], x[1]))
+    if gap > TOLERANCE + 1e-9:
+        raise ConfigError(refusal(f))
+    return p
 
 
 def _fixed_k(
@@ -99,13 +104,10 @@ def _fixed_k(
         else:
             hi = mid
     near = [plan_of(ks[i]) for i in {max(0, lo - 1), lo} if 0 <= i < len(ks)]
-    plan, frac = _closest(geometry, near, budget, reuse)
-    if abs(frac - budget) > TOLERANCE + 1e-9:
-        raise ConfigError(
-            f"{what} cannot reach --budget {budget:g} within +-{TOLERANCE:g}: with this warm-up and refresh it spends "
-            f"{frac:.3f} of dense MACs at its closest; choose a larger budget or a shorter warm-up"
-        )
-    return plan
+    return _closest(geometry, near, budget, reuse, lambda frac: (
+        f"{what} cannot reach --budget {budget:g} within +-{TOLERANCE:g}: with this warm-up and refresh it spends "
+        f"{frac:.3f} of dense MACs at its closest; choose a larger budget or a shorter warm-up"
+    ))
 
 
 def cat_schedule(
@@ -196,13 +198,10 @@ def interleaved_schedule(
         for phase in range(period)
         for w in range(1, steps + 1)
     ]
-    plan, frac = _closest(geometry, plans, budget, reuse)
-    if abs(frac - budget) > TOLERANCE + 1e-9:
-        raise ConfigError(
-            f"dense/reuse interleaving with period {period} cannot reach --budget {budget:g} within +-{TOLERANCE:g} "
-            f"(closest {frac:.3f}); choose a budget >= {1 / period:.2f} or a longer period"
-        )
-    return plan
+    return _closest(geometry, plans, budget, reuse, lambda frac: (
+        f"dense/reuse interleaving with period {period} cannot reach --budget {budget:g} within +-{TOLERANCE:g} "
+        f"(closest {frac:.3f}); choose a budget >= {1 / period:.2f} or a longer period"
+    ))
 
 
 def warmup_steps(fraction: float, steps: int) -> int:
