@@ -518,8 +518,7 @@ def export_graph_into(
         **graph.to_dict(),
         "lint": lint,
         "equivalence": equivalence,
-        "weights": {"tensors": stats.tensors, "new_bytes": stats.new_bytes, "reused_bytes": stats.reused_bytes,
-                    "inline_bytes": stats.inline_bytes},
+        "weights": stats.to_dict(),
     }
 
 

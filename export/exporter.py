@@ -554,8 +554,7 @@ def _export_bucket(work: Path, spec: BucketSpec, model: torch.nn.Module, store: 
         "export_seconds": round(time.perf_counter() - t0, 3),
         "lint": lint,
         "equivalence": equivalence,
-        "weights": {"tensors": stats.tensors, "new_bytes": stats.new_bytes, "reused_bytes": stats.reused_bytes,
-                    "inline_bytes": stats.inline_bytes},
+        "weights": stats.to_dict(),
     }
 
 

@@ -49,6 +49,11 @@ class WeightStats:
     inline_bytes: int = 0  # bytes left inline (small tensors)
     renamed: list[str] = field(default_factory=list)  # names whose bytes differ from an earlier graph's
 
+    def to_dict(self) -> dict[str, int]:
+        """The manifest's ``weights`` entry of one graph."""
+        return {"tensors": self.tensors, "new_bytes": self.new_bytes, "reused_bytes": self.reused_bytes,
+                "inline_bytes": self.inline_bytes}
+
 
 class SharedWeights:
     """Append-only content-addressed weight file shared by every bucket of an export."""
