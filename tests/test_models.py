@@ -132,16 +132,38 @@ def test_register_builtin_resolves_and_loads(isolated_registry, tiny_sd3):
         register_builtin("sd3", loader, "clash")
 
 
-def test_bare_name_miss_imports_builtin_providers(isolated_registry, monkeypatch, tmp_path):
-    """A provider module registers its built-in on import; a missing provider is skipped."""
+def test_bare_name_miss_reads_the_entry_point_table(isolated_registry, monkeypatch, tmp_path):
+    """An entry of the ``tokprune.models`` table becomes a built-in (described by its loader's docstring);
+    an entry whose module is missing is skipped with a warning, not an error for every other name."""
+    from importlib.metadata import EntryPoint
+
     (tmp_path / "tokprune_fake_provider.py").write_text(
-        "from tokprune.models import register_builtin\n"
-        "register_builtin('fake-shapes', lambda: None, 'registered on import')\n"
+        'def load():\n    """fake shapes from a plugin\n\n    more text"""\n    return None\n'
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(models, "_BUILTIN_PROVIDERS", ("tokprune_missing_provider", "tokprune_fake_provider"))
+    group = models.BUILTIN_ENTRY_POINT_GROUP
+    table = [
+        EntryPoint("missing", "tokprune_missing_provider:load", group),
+        EntryPoint("fake-shapes", "tokprune_fake_provider:load", group),
+    ]
+    monkeypatch.setattr(models, "_builtin_entry_points", lambda: table)
     monkeypatch.setattr(models, "_providers_loaded", False)
     assert resolve_model("fake-shapes") == ModelSource("fake-shapes", "builtin", "fake-shapes")
+    assert models.available_models()["fake-shapes"] == "fake shapes from a plugin"
+    assert "missing" not in models.available_models()
+
+
+def test_shapes_comes_from_the_installed_entry_point_table():
+    """``--model shapes`` resolves through the table; tokprune.models alone never imports the yardstick (no cycle)."""
+    import subprocess
+    import sys
+
+    entries = {e.name: e.value for e in models._builtin_entry_points()}
+    assert entries.get("shapes") == "tokprune.yardstick:load_shapes_pipeline"
+    assert resolve_model("shapes") == ModelSource("shapes", "builtin", "shapes")
+    code = "import sys, tokprune.models as m; m.resolve_model('sd3-tiny'); print('tokprune.yardstick' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 # ---------------------------------------------------------------- hub / local loading

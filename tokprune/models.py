@@ -3,8 +3,10 @@
 Three kinds of model source, one resolver:
 
 - **builtin**: assembled in-process, no files, no network. ``sd3-tiny`` and ``sd3.5-tiny``
-  ship here; other modules add theirs with :func:`register_builtin` (``shapes`` comes
-  from :mod:`tokprune.yardstick`).
+  ship here; code above this layer adds its own with :func:`register_builtin`, and installed
+  packages declare theirs in the ``tokprune.models`` entry-point table
+  (:data:`BUILTIN_ENTRY_POINT_GROUP`; ``shapes`` comes from :mod:`tokprune.yardstick` that way),
+  so this module never imports the layers above it.
 - **hub**: a Hugging Face hub id (``org/name``) or one of :data:`MODEL_ALIASES`
   (``sd3``, ``sd3.5-medium``, ``sd3.5-large``). Loaded from the local HF cache first;
   downloading is attempted only when the hub is reachable, so offline it fails in
@@ -42,7 +44,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -53,6 +55,8 @@ import torch
 from tokprune.errors import ConfigError, ModelNotFoundError
 
 if TYPE_CHECKING:  # heavy: imported inside the functions that need them
+    from importlib.metadata import EntryPoint
+
     from diffusers import StableDiffusion3Pipeline
 
 logger = logging.getLogger(__name__)
@@ -72,6 +76,7 @@ class _EmptyFp32ListFilter(logging.Filter):
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32ListFilter())
 
 __all__ = [
+    "BUILTIN_ENTRY_POINT_GROUP",
     "MODEL_ALIASES",
     "ModelSource",
     "TINY_TRANSFORMER_CONFIG",
@@ -94,9 +99,13 @@ MODEL_ALIASES: dict[str, str] = {
     "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
 }
 
-# Modules imported (once) when a bare name is not found, so that built-ins they register
-# with `register_builtin` at import time resolve from every CLI without the CLI importing them.
-_BUILTIN_PROVIDERS: tuple[str, ...] = ("tokprune.yardstick",)
+#: The entry-point table of built-in models that live above this layer. Each entry's name is the
+#: ``--model`` name and its value a zero-argument loader (``module:function``) whose docstring's
+#: first line describes the model. Read once, when a bare name is not found or the names are
+#: listed, so ``--model shapes`` works from every CLI without any CLI importing the yardstick.
+#: tokprune's own table is ``[project.entry-points."tokprune.models"]`` in pyproject.toml:
+#: ``shapes = "tokprune.yardstick:load_shapes_pipeline"``.
+BUILTIN_ENTRY_POINT_GROUP = "tokprune.models"
 
 _HUB_PROBE_TIMEOUT_S = 3.0
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -146,9 +155,9 @@ def register_builtin(
 ) -> None:
     """Make ``--model NAME`` build a pipeline in-process with ``loader()``.
 
-    Call it at import time of the module that owns the model (the yardstick registers
-    ``shapes`` from :mod:`tokprune.yardstick`, which :func:`resolve_model` imports lazily
-    on a miss).
+    Call it from code above this layer; an installed package can instead declare its model in
+    the ``tokprune.models`` entry-point table (:data:`BUILTIN_ENTRY_POINT_GROUP`), which
+    :func:`resolve_model` reads on a miss.
 
     Args:
         name: lower-case name, no ``/``; must not clash with an alias.
@@ -190,20 +199,29 @@ def available_models() -> dict[str, str]:
     return dict(sorted(names.items()))
 
 
+def _builtin_entry_points() -> Iterable[EntryPoint]:
+    """The installed entries of :data:`BUILTIN_ENTRY_POINT_GROUP` (a function, so tests can swap it)."""
+    from importlib.metadata import entry_points
+
+    return entry_points(group=BUILTIN_ENTRY_POINT_GROUP)
+
+
 def _load_providers() -> None:
+    """Register every entry of the ``tokprune.models`` table not registered in-process already (once)."""
     global _providers_loaded
     if _providers_loaded:
         return
     _providers_loaded = True
-    import importlib
-
-    for module in _BUILTIN_PROVIDERS:
+    for entry in _builtin_entry_points():
+        if entry.name in _BUILTINS:  # registered explicitly: that registration wins
+            continue
         try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # only "that provider does not exist"; real errors propagate
-            if exc.name != module:
-                raise
-            logger.debug("built-in provider %s not installed", module)
+            loader = entry.load()
+        except ImportError as exc:  # a broken plugin must not break every other --model name
+            logger.warning("built-in model %r (%s) could not be imported: %s", entry.name, entry.value, exc)
+            continue
+        doc = (getattr(loader, "__doc__", None) or "").strip()
+        register_builtin(entry.name, loader, doc.splitlines()[0] if doc else f"from {entry.value}")
 
 
 def _looks_like_path(text: str) -> bool:

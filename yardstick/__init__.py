@@ -35,27 +35,22 @@ SHAPES_DIR = _Path(__file__).resolve().parent / "weights" / "shapes"
 
 
 def load_shapes_pipeline():
-    """The shipped ``shapes`` pipeline, with its sampling settings recorded for tokprune's tools."""
-    from tokprune.yardstick.model import load_pipeline
+    """trained 8-block SD3 on procedural shapes (128 px, N=1024, T=109): the quality yardstick
 
+    The shipped ``shapes`` pipeline, with its sampling settings recorded for tokprune's tools.
+    ``--model shapes`` reaches it through the ``tokprune.models`` entry-point table
+    (``pyproject.toml``), so :mod:`tokprune.models` never imports this package; the first line of
+    this docstring is the description ``--help`` and "unknown model" errors show.
+
+    Example:
+        >>> from tokprune.models import load_pipeline
+        >>> pipe = load_pipeline("shapes")  # doctest: +SKIP
+    """
     from tokprune.yardstick.dataset import sample_spec
+    from tokprune.yardstick.model import load_pipeline
 
     pipe, meta = load_pipeline(SHAPES_DIR)
     pipe._tokprune_call_defaults = meta.generation_kwargs()
     # calibration measures in-distribution captions of the train split (split seed 0), never the held-out one
     pipe._tokprune_calibration_prompts = [sample_spec(i, 0).caption for i in range(80)]
     return pipe
-
-
-def _register() -> None:
-    from tokprune.models import register_builtin
-
-    register_builtin(
-        "shapes",
-        load_shapes_pipeline,
-        "trained 8-block SD3 on procedural shapes (128 px, N=1024, T=109): the quality yardstick",
-        replace=True,
-    )
-
-
-_register()
