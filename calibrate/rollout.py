@@ -31,7 +31,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from collections import OrderedDict
@@ -41,7 +40,6 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tokprune.errors import ConfigError
-from tokprune.pruning.geometry import Geometry
 from tokprune.pruning.macs import dense_macs, step_macs
 from tokprune.pruning.plan import ALL, PrunePlan
 from tokprune.pruning.sampler import RunState, TokenPruner
@@ -66,47 +64,6 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """(P,) float64 ``||x - ref|| / ||ref||`` per sample of (P, ...) tensors."""
     d = (x.double() - ref.double()).flatten(1).norm(dim=1)
     return d / ref.double().flatten(1).norm(dim=1).clamp_min(1e-12)
-
-
-@contextlib.contextmanager
-def _quiet_truncation(pipe: Any, prompts: Sequence[str], max_sequence_length: int):
-    """Encode without diffusers' per-prompt truncation warnings; one counted note instead.
-
-    Prompts are truncated exactly as the pipeline truncates them (CLIP: 77 tokens, T5:
-    ``max_sequence_length``); only the noise goes.
-    """
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    counts = []
-    for tok, limit in ((getattr(pipe, "tokenizer", None), None), (getattr(pipe, "tokenizer_3", None), max_sequence_length)):
-        if tok is None:
-            continue
-        limit = limit or int(tok.model_max_length)
-        with _silenced(tlog):
-            lengths = [len(ids) for ids in tok(list(prompts), add_special_tokens=True).input_ids]
-        counts.append(sum(n > limit for n in lengths))
-    d_level, t_level = dlog.get_verbosity(), tlog.get_verbosity()
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(d_level)
-        tlog.set_verbosity(t_level)
-    if counts and max(counts):
-        logger.info("%d of %d calibration prompts are longer than the text encoders take and were truncated, as the "
-                    "pipeline truncates them", max(counts), len(prompts))
-
-
-@contextlib.contextmanager
-def _silenced(tlog: Any):
-    level = tlog.get_verbosity()
-    tlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        tlog.set_verbosity(level)
 
 
 @dataclass
@@ -177,7 +134,7 @@ class Rollouts:
         guidance: float,
         height: int | None = None,
         width: int | None = None,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
         seed: int = 0,
         seeds: Sequence[int] | None = None,
         reuse: str = "noise",
@@ -201,20 +158,19 @@ class Rollouts:
         self.seeds = None if seeds is None else [int(x) for x in seeds]
         self.select_from = select_from
         self.on_step = on_step  # called with the MAC fraction of every executed step (progress)
-        vsf = int(pipe.vae_scale_factor)
-        self.height = int(height or pipe.default_sample_size * vsf)
-        self.width = int(width or pipe.default_sample_size * vsf)
-        self.max_sequence_length = int(max_sequence_length)
+        from tokprune.pruning.family import family_for
+
+        self.family = family_for(pipe)
+        self.settings = self.family.settings(
+            pipe, height=height, width=width, steps=self.steps, guidance=self.guidance,
+            max_sequence_length=max_sequence_length, prompts=len(self.prompts),
+        )
+        self.height, self.width = self.settings.height, self.settings.width
+        self.max_sequence_length = self.settings.max_sequence_length
         self.device = pipe._execution_device if hasattr(pipe, "_execution_device") else torch.device("cpu")
         self.snapshot_bytes = default_snapshot_bytes(self.device) if snapshot_bytes is None else int(snapshot_bytes)
         self._encode()
-        p = len(self.prompts)
-        self.geometry = Geometry.from_config(
-            pipe.transformer.config,
-            batch=2 * p if self.cfg else p,
-            latent_hw=(self.height // vsf, self.width // vsf),
-            text_tokens=int(self.encoder_hidden_states.shape[1]),
-        )
+        self.geometry = self.settings.geometry(self.family.denoiser(pipe))
         self._dense_step_macs = dense_macs(self.geometry)
         self._snapshots: OrderedDict[tuple, _Snapshot] = OrderedDict()
         self._held = 0
@@ -225,59 +181,17 @@ class Rollouts:
     # ---- set-up ------------------------------------------------------------------------------
     @torch.no_grad()
     def _encode(self) -> None:
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
-
-        from tokprune.pruning.text import special_token_mask
-
-        pipe = self.pipe
-        with _quiet_truncation(pipe, self.prompts, self.max_sequence_length):
-            pos, neg, pooled, neg_pooled = pipe.encode_prompt(
-                prompt=self.prompts,
-                prompt_2=None,
-                prompt_3=None,
-                device=self.device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=self.cfg,
-                max_sequence_length=self.max_sequence_length,
-            )
-        mask = special_token_mask(pipe, self.prompts, max_sequence_length=self.max_sequence_length)
-        if self.cfg:
-            self.encoder_hidden_states = torch.cat([neg, pos])
-            self.pooled = torch.cat([neg_pooled, pooled])
-            neg_mask = special_token_mask(pipe, [""] * len(self.prompts), max_sequence_length=self.max_sequence_length)
-            self.text_protect = torch.cat([neg_mask, mask])
-        else:
-            self.encoder_hidden_states, self.pooled, self.text_protect = pos, pooled, mask
+        pipe, family = self.pipe, self.family
+        self.conditions, self.text_protect = family.encode(pipe, self.prompts, self.settings)
         if self.seeds is None:
             gens = torch.Generator(device="cpu").manual_seed(self.seed)
         else:  # one generator per prompt, as pipe(prompts, generator=[...]) draws them
             gens = [torch.Generator(device="cpu").manual_seed(x) for x in self.seeds]
-        self.start = pipe.prepare_latents(
-            len(self.prompts),
-            pipe.transformer.config.in_channels,
-            self.height,
-            self.width,
-            pos.dtype,
-            self.device,
-            gens,
-            None,
-        )
-        sched = copy.deepcopy(pipe.scheduler)
-        kwargs = {}
-        if sched.config.get("use_dynamic_shifting", None):
-            _, _, h, w = self.start.shape
-            p = pipe.transformer.config.patch_size
-            kwargs["mu"] = calculate_shift(
-                (h // p) * (w // p),
-                sched.config.get("base_image_seq_len", 256),
-                sched.config.get("max_image_seq_len", 4096),
-                sched.config.get("base_shift", 0.5),
-                sched.config.get("max_shift", 1.16),
-            )
-        self.timesteps, _ = retrieve_timesteps(sched, self.steps, self.device, **kwargs)
+        dtype = next(iter(self.conditions.values())).dtype
+        self.start = family.prepare_latents(pipe, self.settings, gens, len(self.prompts), dtype)
+        self._scheduler, self.timesteps = family.timesteps(pipe, self.settings, self.start)  # copied per run
         if len(self.timesteps) != self.steps:
             raise ConfigError(f"the scheduler made {len(self.timesteps)} timesteps for {self.steps} steps; expected one per step")
-        self._scheduler = sched  # set_timesteps done; copied per run
 
     # ---- runs --------------------------------------------------------------------------------
     def dense(self) -> torch.Tensor:
@@ -302,7 +216,7 @@ class Rollouts:
         policy = policy or self.policy
         key = _plan_key(plan, self.steps)
         pruner = TokenPruner(
-            self.pipe.transformer,
+            self.family.denoiser(self.pipe),
             plan,
             policy=policy,
             seed=0,  # the policy seed the runtime and apply() use; self.seed only seeds the start latents
@@ -310,6 +224,7 @@ class Rollouts:
             text_protect=self.text_protect,
             guidance=self.guidance if self.cfg else None,
             select_from=self.select_from,
+            family=self.family,
         )
         start, snap = self._longest_prefix(policy, key)
         if snap is None:
@@ -329,11 +244,12 @@ class Rollouts:
     def _step(self, pruner: TokenPruner, sched: Any, s: int, latents: torch.Tensor) -> torch.Tensor:
         t = self.timesteps[s]
         x = torch.cat([latents, latents]) if self.cfg else latents
+        x = self.family.model_input(sched, x, t)
         g = self.geometry
         if pruner.state is None:
             pruner.state = pruner.begin(g, x.device, x.dtype)
         pruner.state.step = s
-        noise = pruner.step(pruner.state, x, self.encoder_hidden_states, self.pooled, t.expand(x.shape[0]))
+        noise = pruner.step(pruner.state, x, self.conditions, t.expand(x.shape[0]))
         pruner.state.step = s + 1
         k = pruner.plan.image_k(s, g.num_tokens)
         if k > 0:
@@ -342,10 +258,8 @@ class Rollouts:
             self.executed_units += frac / self._dense_step_macs
             if self.on_step is not None:
                 self.on_step(frac / self._dense_step_macs)
-        if self.cfg:
-            uncond, cond = noise.chunk(2)
-            noise = uncond + self.guidance * (cond - uncond)
-        return sched.step(noise, t, latents, return_dict=False)[0]
+        noise = self.family.guide(noise, self.guidance if self.cfg else None)
+        return self.family.scheduler_step(sched, noise, t, latents)
 
     # ---- snapshots ---------------------------------------------------------------------------
     def _longest_prefix(self, policy: str, key: tuple) -> tuple[int, _Snapshot | None]:
@@ -396,7 +310,4 @@ class Rollouts:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> Any:
         """(P, H, W, 3) float images in [0, 1] as the pipeline's ``output_type="np"`` would return."""
-        vae = self.pipe.vae
-        x = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        image = vae.decode(x, return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(image, output_type="np")
+        return self.family.decode(self.pipe, latents)

@@ -1,4 +1,4 @@
-"""``make demo``: export engines for the offline default model, then show what they do.
+"""``tokprune-demo`` (``make demo``): export engines for the offline default model, then show what they do.
 
 One command, for a newcomer on a CPU machine:
 
@@ -74,40 +74,6 @@ def _generate(pipe: Any, prompts: list[str], kwargs: dict[str, Any], seed: int) 
     return images, time.perf_counter() - t0
 
 
-def _grid(rows: list[tuple[str, Any]], prompts: list[str], path: Path) -> None:
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    h, w = rows[0][1].shape[1:3]
-    label_w, pad, cap_h = 90, 4, 28
-    canvas = Image.new("RGB", (label_w + len(prompts) * (w + pad), cap_h + len(rows) * (h + pad)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for j, prompt in enumerate(prompts):
-        draw.text((label_w + j * (w + pad), 2), "\n".join(_wrap(prompt, 24)[:2]), fill="black")
-    for i, (label, images) in enumerate(rows):
-        y = cap_h + i * (h + pad)
-        draw.text((4, y + h // 2 - 6), label, fill="black")
-        for j, img in enumerate(images):
-            tile = Image.fromarray((np.clip(img, 0, 1) * 255).round().astype("uint8"))
-            canvas.paste(tile, (label_w + j * (w + pad), y))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from tokprune.fsutil import atomic_output
-
-    with atomic_output(path) as tmp:  # no half-written grid on an interrupt or a full disk
-        canvas.save(tmp)
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + ([line] if line else [])
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -115,7 +81,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tokprune import runtime
     from tokprune.calibrate.api import calibrate
     from tokprune.export.exporter import ExportConfig, export_model
+    from tokprune.demo.report import grid, table
     from tokprune.models import call_defaults, load_pipeline
+    from tokprune.yardstick.metrics import psnr
 
     _precheck(args)  # bad flags and output places fail before the model loads
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -166,9 +134,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runtime.detach(pipe)
         engines.close()
 
-    def psnr_vs_dense(images: Any) -> float:
-        mse = float(((dense.astype(np.float64) - images.astype(np.float64)) ** 2).mean())
-        return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+    def psnr_vs_dense(images: Any) -> float:  # of the whole row: one mean squared error over every pixel
+        return float(psnr(np.concatenate(list(images)), np.concatenate(list(dense)))[0])
 
     result: dict[str, Any] = {
         "model": args.model, "budget": args.budget, "mac_fraction": _counted_fraction(engines), "steps": args.steps,
@@ -185,39 +152,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         specs = [sample_spec(i, 1) for i in range(len(shown))]
         for name, imgs in (("dense", dense), ("ort_dense", ort_dense), ("pruned", pruned)):
             result[f"accuracy_{name}"] = float(score([img for img in imgs], specs)["mean"])
-    _grid([("dense", dense), (f"pruned\nb={args.budget:g}", pruned)], shown, args.report / "grid.png")
-    table = _table(result)
+    grid([("dense", dense), (f"pruned\nb={args.budget:g}", pruned)], shown, args.report / "grid.png")
+    text = table(result)
     from tokprune.fsutil import atomic_write_text
 
-    atomic_write_text(args.report / "speed.md", table + "\n")
-    print(table)
+    atomic_write_text(args.report / "speed.md", text + "\n")
+    print(text)
     print(f"\ngrid: {args.report / 'grid.png'}   engines: {out}   (tokprune-inspect {out} --verify)")
     return result
-
-
-def _table(r: dict[str, Any]) -> str:
-    rows = [
-        "| run | backend | MAC fraction | seconds for the grid | vs eager dense | vs ONNX Runtime dense "
-        "| PSNR vs eager dense | accuracy |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| dense | PyTorch eager (diffusers) | 1.000 | {r['dense_s']:.1f} | 1.00x | | | {_acc(r, 'dense')} |",
-        f"| dense | ONNX Runtime, dense bucket every step | 1.000 | {r['ort_dense_s']:.1f} | "
-        f"{r['export_gain']:.2f}x export gain | 1.00x | {_db(r['ort_dense_psnr_db'])} | {_acc(r, 'ort_dense')} |",
-        f"| pruned | ONNX Runtime engines, schedule | {r['mac_fraction']:.3f} | {r['pruned_s']:.1f} | "
-        f"{r['speedup']:.2f}x overall | {r['pruning_gain']:.2f}x pruning gain | {_db(r['psnr_db'])} | "
-        f"{_acc(r, 'pruned')} |",
-    ]
-    rows.append(
-        f"\nExport gain {r['export_gain']:.2f}x (ONNX Runtime dense vs PyTorch eager dense) x pruning gain "
-        f"{r['pruning_gain']:.2f}x (ONNX Runtime pruned vs ONNX Runtime dense) = overall {r['speedup']:.2f}x. "
-        "MAC fraction counts every transformer MAC that runs."
-    )
-    head = f"{r['model']}: {r['n']} images, {r['steps']} steps, budget {r['budget']:g} (CPU timings of one run: ratios, not absolutes)"
-    return head + "\n\n" + "\n".join(rows)
-
-
-def _db(x: float) -> str:
-    return "identical" if x == float("inf") else f"{x:.1f} dB"
 
 
 def _counted_fraction(engines: Any) -> float:
@@ -225,11 +167,6 @@ def _counted_fraction(engines: Any) -> float:
     from tokprune.pruning.macs import mac_fraction
 
     return mac_fraction(engines.manifest.geometry, engines.plan, engines.manifest.reuse)
-
-
-def _acc(r: dict[str, Any], name: str) -> str:
-    v = r.get(f"accuracy_{name}")
-    return "" if v is None else f"{100 * v:.1f}%"
 
 
 def _precheck(args: argparse.Namespace) -> None:

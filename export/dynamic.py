@@ -45,7 +45,6 @@ from typing import Any
 import torch
 from tokprune.export.errors import ExportError
 from tokprune.export.spec import INPUT, OUTPUT, BucketSpec, Precision, TensorSpec
-from tokprune.pruning.forward import pruned_forward
 from tokprune.pruning.geometry import Geometry
 
 from tokprune.errors import ConfigError, ShapeError
@@ -308,23 +307,9 @@ class GraphModule(torch.nn.Module):
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(tensors) != len(self._inputs):
             raise ExportError(f"the dynamic graph takes {len(self._inputs)} inputs, got {len(tensors)}")
-        feed = {t.name: x for t, x in zip(self._inputs, tensors)}
-        caches = {t.cache: feed[t.name] for t in self._inputs if t.cache is not None}
-        out = pruned_forward(
-            self.model,
-            self._geometry,
-            latent=feed["latent"],
-            encoder_hidden_states=feed["encoder_hidden_states"],
-            pooled_projections=feed["pooled_projections"],
-            timestep=feed["timestep"],
-            img_idx=feed["img_idx"],
-            txt_idx=feed.get("txt_idx"),
-            caches=caches,
-            prev_noise=feed.get("prev_noise"),
-            reuse=self.graph.reuse,
-            inplace=False,
-        )
-        return tuple(out.noise if t.name == "noise" else out.fresh[t.cache] for t in self._outputs)
+        from tokprune.export.onnx_export import call_pruned
+
+        return call_pruned(self.model, self._geometry, self._inputs, self._outputs, tensors, reuse=self.graph.reuse)
 
     def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Eager reference of the graph, by name, under the precision patches."""

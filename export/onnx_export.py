@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokprune.export.errors import ExportError
 from tokprune.export.spec import BucketSpec, Precision
-from tokprune.pruning.forward import pruned_forward
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,49 @@ OPSET = 18
 
 _NORM_CLASS_NAMES = frozenset({"LayerNorm", "RMSNorm", "FP32LayerNorm"})
 _PRECISION_ATTR = "_tokprune_export_precision"
+
+
+def call_pruned(
+    model: torch.nn.Module,
+    geometry: Any,
+    inputs: Sequence[Any],
+    outputs: Sequence[Any],
+    tensors: Sequence[torch.Tensor],
+    *,
+    reuse: str,
+    record_text: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """The traced body of every exported graph: positional inputs (named by ``inputs``: latent, timestep,
+    the family's conditions, indices, caches) -> the family's pure pruned forward -> positional outputs."""
+    from tokprune.pruning.family import get_family
+
+    family = get_family(geometry.family)
+    feed = {t.name: x for t, x in zip(inputs, tensors)}
+    caches = {t.cache: feed[t.name] for t in inputs if t.cache is not None}
+    conditions = {name: feed[name] for name in family.condition_specs(geometry)}
+    out = family.pruned_forward(
+        model,
+        geometry,
+        latent=feed["latent"],
+        timestep=feed["timestep"],
+        conditions=conditions,
+        img_idx=feed["img_idx"],
+        txt_idx=feed.get("txt_idx"),
+        caches=caches or None,
+        prev_noise=feed.get("prev_noise"),
+        reuse=reuse,
+        inplace=False,
+        record_text=record_text,
+    )
+    results = []
+    for t in outputs:
+        if t.name == "noise":
+            results.append(out.noise)
+        elif t.name == "text_mass":
+            results.append(out.text_mass.float())
+        else:
+            results.append(out.fresh[t.cache])
+    return tuple(results)
 
 
 class BucketModule(torch.nn.Module):
@@ -53,32 +96,10 @@ class BucketModule(torch.nn.Module):
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(tensors) != len(self._inputs):
             raise ExportError(f"bucket {self.spec.key} takes {len(self._inputs)} inputs, got {len(tensors)}")
-        feed = {t.name: x for t, x in zip(self._inputs, tensors)}
-        caches = {t.cache: feed[t.name] for t in self._inputs if t.cache is not None}
-        out = pruned_forward(
-            self.model,
-            self.spec.geometry,
-            latent=feed["latent"],
-            encoder_hidden_states=feed["encoder_hidden_states"],
-            pooled_projections=feed["pooled_projections"],
-            timestep=feed["timestep"],
-            img_idx=feed["img_idx"],
-            txt_idx=feed.get("txt_idx"),
-            caches=caches or None,
-            prev_noise=feed.get("prev_noise"),
-            reuse=self.spec.reuse,
-            inplace=False,
+        return call_pruned(
+            self.model, self.spec.geometry, self._inputs, self._outputs, tensors, reuse=self.spec.reuse,
             record_text=self.spec.record_text,
         )
-        results = []
-        for t in self._outputs:
-            if t.name == "noise":
-                results.append(out.noise)
-            elif t.name == "text_mass":
-                results.append(out.text_mass.float())
-            else:
-                results.append(out.fresh[t.cache])
-        return tuple(results)
 
     def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Eager reference: the same call as the graph, by name, under the bucket's precision patches."""

@@ -63,8 +63,11 @@ __all__ = [
     "INPUT",
     "OUTPUT",
     "PROBE_SUFFIX",
+    "EXPORT_BACKENDS",
+    "RUNTIME_BACKENDS",
     "Backend",
     "BucketSpec",
+    "FeedError",
     "Precision",
     "TensorSpec",
     "bucket_key",
@@ -103,20 +106,45 @@ class Precision(str, enum.Enum):
 
 
 class Backend(str, enum.Enum):
-    """What ``tokprune-export`` produces: ONNX only, TensorRT engines, or engines when possible."""
+    """Which engine kind runs a bucket: the one backend enum of export and runtime.
 
-    AUTO = "auto"
-    ONNX = "onnx"
+    ``TORCH``: the PyTorch pruned forward, eagerly (the numerical reference); ``ONNXRUNTIME``: the
+    bucket's ONNX graph; ``TENSORRT``: built engines. ``AUTO`` is an export choice only (TensorRT
+    engines where TensorRT and a GPU are present, else ONNX only); ``ONNX`` is an alias of
+    ``ONNXRUNTIME`` (``tokprune-export --backend onnx``: ONNX files only). Each backend's runner
+    lives in :mod:`tokprune.export.runners`.
+    """
+
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
     TENSORRT = "tensorrt"
+    AUTO = "auto"
+    ONNX = "onnxruntime"  # alias of ONNXRUNTIME
 
     @classmethod
-    def parse(cls, value: Backend | str) -> Backend:
-        try:
-            return cls(value.value if isinstance(value, cls) else str(value).lower())
-        except ValueError:
+    def parse(cls, value: Backend | str, *, choices: Mapping[str, Backend] | None = None) -> Backend:
+        """``value`` (a member, its value or an alias: ort, onnx, trt, eager, pytorch) as a member.
+
+        ``choices``: the spellings a caller accepts (:data:`EXPORT_BACKENDS`, :data:`RUNTIME_BACKENDS`);
+        anything else raises :class:`ConfigError` listing them.
+        """
+        allowed = dict(choices) if choices is not None else {b.value: b for b in cls}
+        text = value.value if isinstance(value, cls) else str(value).lower()
+        member = allowed.get(text) or cls._value2member_map_.get(_BACKEND_ALIASES.get(text, text))
+        if member is None or member not in allowed.values():
             raise ConfigError(
-                f"backend {value!r} is not one of {[b.value for b in cls]}; pass --backend auto|onnx|tensorrt"
+                f"backend {value!r} is not one of {list(allowed)}; pass --backend {'|'.join(allowed)}"
             ) from None
+        return member  # type: ignore[return-value]
+
+
+_BACKEND_ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "trt": "tensorrt", "eager": "torch", "pytorch": "torch"}
+#: What ``tokprune-export --backend`` accepts: engines when possible, ONNX only, or TensorRT engines.
+EXPORT_BACKENDS: dict[str, Backend] = {"auto": Backend.AUTO, "onnx": Backend.ONNXRUNTIME, "tensorrt": Backend.TENSORRT}
+#: What a runtime runs (``tokprune.runtime.load(backend=...)``, ``tokprune-generate --backend``).
+RUNTIME_BACKENDS: dict[str, Backend] = {
+    "onnxruntime": Backend.ONNXRUNTIME, "tensorrt": Backend.TENSORRT, "torch": Backend.TORCH,
+}
 
 
 _TORCH_DTYPES = {
@@ -125,6 +153,10 @@ _TORCH_DTYPES = {
     "bfloat16": torch.bfloat16,
     "int64": torch.int64,
 }
+
+
+class FeedError(ShapeError):
+    """A feed does not match a bucket's inputs (names, shapes, dtypes or device)."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +194,13 @@ class TensorSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TensorSpec:
         return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"], d["role"], d.get("cache"))
+
+
+def condition_specs(geometry: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The conditioning inputs of a bucket besides ``latent`` / ``timestep``, from the geometry's family."""
+    from tokprune.pruning.family import get_family
+
+    return get_family(geometry.family).condition_specs(geometry)
 
 
 def bucket_key(image_keep: int, text_keep: int, *, probe: bool = False) -> str:
@@ -229,10 +268,10 @@ class BucketSpec:
         g = self.geometry
         b, (h, w) = g.batch, g.latent_hw
         f = self.precision.dtype_name
-        specs = [
-            TensorSpec("latent", (b, g.in_channels, h, w), f, INPUT),
-            TensorSpec("encoder_hidden_states", (b, g.text_tokens, g.joint_attention_dim), f, INPUT),
-            TensorSpec("pooled_projections", (b, g.pooled_dim), f, INPUT),
+        specs = [TensorSpec("latent", (b, g.in_channels, h, w), f, INPUT)]
+        for name, (shape, dtype) in condition_specs(g).items():  # the family's conditioning inputs
+            specs.append(TensorSpec(name, tuple(shape), f if dtype == "float" else dtype, INPUT))
+        specs += [
             TensorSpec("timestep", (b,), "float32", INPUT),
             TensorSpec("img_idx", (b, self.image_keep), "int64", INPUT),
         ]
@@ -286,26 +325,33 @@ class BucketSpec:
                 feed[t.name] = torch.randn(t.shape, generator=gen).to(t.torch_dtype)
         return feed
 
-    def check_feed(self, feed: Mapping[str, Any]) -> None:
-        """Raise :class:`ShapeError` naming each missing, extra or mis-shaped/typed input."""
+    def check_feed(self, feed: Mapping[str, Any], *, device: torch.device | None = None) -> None:
+        """Raise :class:`FeedError` listing every missing, unexpected or mismatched input.
+
+        Each part names the tensor, what it got and what the bucket expects, e.g.
+        ``img_idx: got shape (2, 64) int64 on cpu, expected shape (2, 128) int64``. ``device``: also
+        refuse tensors on another device type (runners pass theirs). The one feed check of every
+        runner (:mod:`tokprune.export.runners`) and of the export's PyTorch reference.
+        """
         problems = []
         expected = {t.name: t for t in self.inputs()}
-        for name in expected.keys() - feed.keys():
-            problems.append(f"missing input {name!r}")
-        for name in feed.keys() - expected.keys():
-            problems.append(f"unexpected input {name!r}")
         for name, t in expected.items():
-            if name not in feed:
+            x = feed.get(name)
+            if x is None:
+                problems.append(f"{name}: missing, expected shape {t.shape} {t.dtype}")
                 continue
-            x = feed[name]
-            shape = tuple(x.shape)
-            dtype = str(getattr(x, "dtype", "?")).replace("torch.", "")
-            if shape != t.shape:
-                problems.append(f"{name}: shape {shape}, expected {t.shape}")
-            if dtype != t.dtype:
-                problems.append(f"{name}: dtype {dtype}, expected {t.dtype}")
+            shape, dtype = tuple(x.shape), str(getattr(x, "dtype", type(x).__name__)).replace("torch.", "")
+            where = getattr(x, "device", None)
+            bad_device = device is not None and isinstance(x, torch.Tensor) and x.device.type != device.type
+            if shape != t.shape or dtype != t.dtype or bad_device:
+                got = f" on {where}" if where is not None else ""
+                want = f" on {device}" if bad_device else ""
+                problems.append(f"{name}: got shape {shape} {dtype}{got}, expected shape {t.shape} {t.dtype}{want}")
+        for name in feed:
+            if name not in expected:
+                problems.append(f"{name}: unexpected input (the bucket reads {sorted(expected)})")
         if problems:
-            raise ShapeError(f"feed for bucket {self.key} does not match its spec: " + "; ".join(sorted(problems)))
+            raise FeedError(f"bucket {self.key}: the feed does not match its I/O table: " + "; ".join(problems))
 
     # ---- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -332,15 +378,13 @@ class BucketSpec:
         )
 
 
-def geometry_to_dict(g: Geometry) -> dict[str, Any]:
-    d = asdict(g)
-    d["latent_hw"] = list(g.latent_hw)
-    d["dual_attention_layers"] = list(g.dual_attention_layers)
-    return d
+def geometry_to_dict(g: Any) -> dict[str, Any]:
+    """A geometry of any model family as JSON-able fields plus ``family``."""
+    return g.to_dict()
 
 
-def geometry_from_dict(d: Mapping[str, Any]) -> Geometry:
-    d = dict(d)
-    d["latent_hw"] = tuple(d["latent_hw"])
-    d["dual_attention_layers"] = tuple(d.get("dual_attention_layers") or ())
-    return Geometry(**d)
+def geometry_from_dict(d: Mapping[str, Any]) -> Any:
+    """Inverse of :func:`geometry_to_dict` (manifests written before families existed are SD3)."""
+    from tokprune.pruning.family import get_family
+
+    return get_family(d.get("family", "sd3")).geometry_from_dict(d)

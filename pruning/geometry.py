@@ -8,8 +8,8 @@ the ONNX export's I/O table, TensorRT profiles and runtime buffers — derives i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Mapping
 
 from tokprune.errors import ShapeError
 
@@ -20,6 +20,9 @@ REUSE_MODES = ("noise", "features")
 @dataclass(frozen=True)
 class Geometry:
     """Static shapes of one transformer call (batch includes both CFG halves)."""
+
+    #: The model family (:mod:`tokprune.pruning.family`) this geometry belongs to.
+    family: ClassVar[str] = "sd3"
 
     batch: int  # B: samples per call, CFG halves included
     latent_hw: tuple[int, int]  # latent height, width (pixels / vae_scale_factor)
@@ -95,6 +98,26 @@ class Geometry:
             else:  # (B, N, D) -> (B, K, D)
                 out[name] = (shape[0], keep, shape[2])
         return out
+
+    def step_macs(self, keep: int, keep_text: int | None = None, reuse: str = "noise", *, probe: bool = False) -> int:
+        """MACs of one pruned call (:func:`tokprune.pruning.macs.step_macs`)."""
+        from tokprune.pruning.macs import sd3_step_macs
+
+        return sd3_step_macs(self, keep, keep_text, reuse, probe=probe)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields plus ``family`` (manifests and schedules store geometries this way)."""
+        d = asdict(self)
+        d["latent_hw"] = list(self.latent_hw)
+        d["dual_attention_layers"] = list(self.dual_attention_layers)
+        return {"family": self.family, **d}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Geometry":
+        d = {k: v for k, v in d.items() if k != "family"}
+        d["latent_hw"] = tuple(d["latent_hw"])
+        d["dual_attention_layers"] = tuple(d.get("dual_attention_layers") or ())
+        return cls(**d)
 
     def with_batch(self, batch: int) -> "Geometry":
         return _replace(self, batch=batch)

@@ -44,6 +44,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any
+
 from tokprune.errors import ConfigError
 from tokprune.pruning.geometry import REUSE_MODES, Geometry
 from tokprune.pruning.plan import ALL, PrunePlan
@@ -111,14 +113,23 @@ def text_mass_macs(geometry: Geometry, keep: int | None = None, keep_text: int |
 
 
 def step_macs(
-    geometry: Geometry, keep: int, keep_text: int | None = None, reuse: str = "noise", *, probe: bool = False
+    geometry: Any, keep: int, keep_text: int | None = None, reuse: str = "noise", *, probe: bool = False
 ) -> int:
-    """MACs of one ``pruned_forward`` call keeping ``keep`` image and ``keep_text`` text tokens.
+    """MACs of one pruned call keeping ``keep`` image and ``keep_text`` text tokens, for any model
+    family: the geometry counts (``geometry.step_macs``; SD3's is :func:`sd3_step_macs`).
 
     ``keep``: ALL (-1) or N = dense, 0 = reuse step (no call, 0 MACs). ``keep_text``: None or
-    ALL = all T. ``probe``: the call also measures text importance (``record_text=True``; adds
-    :func:`text_mass_macs`). Batch (both CFG halves) included.
+    ALL = all T. ``probe``: the call also measures text importance (``record_text=True``). Batch
+    (both CFG halves) included.
     """
+    return geometry.step_macs(keep, keep_text, reuse, probe=probe)
+
+
+def sd3_step_macs(
+    geometry: Geometry, keep: int, keep_text: int | None = None, reuse: str = "noise", *, probe: bool = False
+) -> int:
+    """SD3 / SD3.5: MACs of one ``pruned_forward`` call (the module docstring's formula; the probe adds
+    :func:`text_mass_macs`)."""
     if reuse not in REUSE_MODES:
         raise ConfigError(f"reuse={reuse!r}; expected one of {REUSE_MODES}")
     k = _resolve(keep, geometry.num_tokens, "keep")
@@ -133,7 +144,7 @@ def step_macs(
     return macs + (text_mass_macs(geometry, k, tk) if probe else 0)
 
 
-def dense_macs(geometry: Geometry) -> int:
+def dense_macs(geometry: Any) -> int:
     """MACs of one dense step as tokprune runs it (``step_macs(g, N)``): the budget's unit."""
     return step_macs(geometry, ALL)
 
@@ -145,7 +156,7 @@ def diffusers_dense_macs(geometry: Geometry) -> int:
     )
 
 
-def plan_macs(geometry: Geometry, plan: PrunePlan, reuse: str = "noise") -> int:
+def plan_macs(geometry: Any, plan: PrunePlan, reuse: str = "noise") -> int:
     """Total MACs of a sampling run following ``plan``: reuse steps cost 0, probe steps add the probe."""
     probes = set(plan.probe_steps())
     return sum(
@@ -157,7 +168,7 @@ def plan_macs(geometry: Geometry, plan: PrunePlan, reuse: str = "noise") -> int:
     )
 
 
-def mac_fraction(geometry: Geometry, plan: PrunePlan, reuse: str = "noise") -> float:
+def mac_fraction(geometry: Any, plan: PrunePlan, reuse: str = "noise") -> float:
     """``plan_macs / (steps * dense_macs)``: the fraction of a dense run's MACs the plan spends.
 
     Counts everything that runs, the text-importance probe at :meth:`PrunePlan.probe_steps` included.

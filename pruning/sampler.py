@@ -1,7 +1,7 @@
-"""Eager pruned sampling: ``apply`` / ``remove`` on a diffusers SD3 transformer or pipeline.
+"""Eager pruned sampling: ``apply`` / ``remove`` on a diffusers denoiser or pipeline of any model family.
 
-After ``apply``, a plain ``StableDiffusion3Pipeline`` call runs pruned; nothing in the user's
-loop changes. The hook keeps the per-run state (caches, previous prediction, policy state)
+After ``apply``, a plain pipeline call (``StableDiffusion3Pipeline`` and the other families of
+:mod:`tokprune.pruning.family`) runs pruned; nothing in the user's loop changes. The hook keeps the per-run state (caches, previous prediction, policy state)
 and walks the plan one transformer call per denoising step.
 
 Example::
@@ -26,7 +26,8 @@ from typing import Any, Callable
 import torch
 
 from tokprune.errors import ConfigError, ShapeError
-from tokprune.pruning.forward import StepOutput, patchify, pruned_forward
+from tokprune.pruning.family import ModelFamily, family_for, get_family
+from tokprune.pruning.forward import StepOutput
 from tokprune.pruning.geometry import REUSE_MODES, Geometry
 from tokprune.pruning.plan import PrunePlan
 
@@ -42,8 +43,7 @@ class StepInputs:
     """Everything one bucket call needs besides the run state (caches, previous prediction)."""
 
     latent: torch.Tensor  # (B, C, H, W)
-    encoder_hidden_states: torch.Tensor  # (B, T, joint_attention_dim)
-    pooled_projections: torch.Tensor  # (B, pooled_dim)
+    conditions: dict[str, torch.Tensor]  # the family's conditioning inputs (SD3: encoder_hidden_states, pooled_projections)
     timestep: torch.Tensor  # (B,)
     img_idx: torch.Tensor  # (B, K) int64
     txt_idx: torch.Tensor | None  # (B, K_txt) int64 or None (all text)
@@ -56,12 +56,11 @@ def eager_executor(pruner: "TokenPruner", st: "RunState", inputs: StepInputs) ->
     An executor must return the step's :class:`StepOutput` and leave ``st.caches`` updated with the
     fresh rows; the runtime's engine executor has the same contract (one step loop, many backends).
     """
-    return pruned_forward(
+    return pruner.family.pruned_forward(
         pruner.transformer,
         st.geometry,
         latent=inputs.latent,
-        encoder_hidden_states=inputs.encoder_hidden_states,
-        pooled_projections=inputs.pooled_projections,
+        conditions=inputs.conditions,
         timestep=inputs.timestep,
         img_idx=inputs.img_idx,
         txt_idx=inputs.txt_idx,
@@ -81,7 +80,7 @@ class RunState:
     is set: the policy sees one guided signal per prompt and both halves share its indices.
     """
 
-    geometry: Geometry
+    geometry: Any  # the family's geometry (SD3: Geometry)
     caches: dict[str, torch.Tensor]
     step: int = 0
     prev_noise: torch.Tensor | None = None  # (B, C, H, W)
@@ -95,7 +94,11 @@ class RunState:
 
 
 class TokenPruner:
-    """The per-transformer hook that ``apply`` installs as the module's ``forward``."""
+    """The per-denoiser hook that ``apply`` installs as the module's ``forward``.
+
+    ``family``: the model family (name or :class:`~tokprune.pruning.family.ModelFamily`); default the one
+    owning ``transformer``.
+    """
 
     def __init__(
         self,
@@ -112,6 +115,7 @@ class TokenPruner:
         pipeline: Any = None,
         guidance: float | None = None,
         select_from: str = "guided",
+        family: ModelFamily | str | None = None,
     ) -> None:
         from tokprune.pruning.policies import make_policy
 
@@ -120,6 +124,7 @@ class TokenPruner:
         if select_from not in SELECT_FROM:
             raise ConfigError(f"select_from={select_from!r}; expected one of {SELECT_FROM}")
         self.transformer = transformer
+        self.family = family_for(transformer) if family is None else get_family(family)
         self.plan = plan
         self.policy = make_policy(policy, seed=seed) if isinstance(policy, str) else policy
         self.reuse = reuse
@@ -130,7 +135,7 @@ class TokenPruner:
         self.guidance = guidance  # bare transformer: CFG scale of [uncond; cond] batches (None = no CFG)
         self.select_from = select_from
         self.executor = executor  # how a bucket call runs: eager PyTorch here, an engine runner in tokprune.runtime
-        self.config = config if config is not None else transformer.config  # the SD3 config shapes come from
+        self.config = config if config is not None else transformer.config  # the denoiser config shapes come from
         self.state: RunState | None = None
         self.calls = 0  # transformer calls actually executed (K > 0), for tests and benchmarks
         self.probe_steps = frozenset(plan.probe_steps())  # dense steps that also measure text importance
@@ -156,7 +161,7 @@ class TokenPruner:
                 f"num_inference_steps={self.plan.num_steps}, or apply a plan of {int(n)} steps"
             )
 
-    def allocate_caches(self, geometry: Geometry, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def allocate_caches(self, geometry: Any, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The per-block caches of one run (override to pool them, as the runtime does)."""
         return {
             name: torch.zeros(shape, device=device, dtype=dtype)
@@ -183,7 +188,7 @@ class TokenPruner:
             )
         return g
 
-    def begin(self, geometry: Geometry, device: torch.device, dtype: torch.dtype) -> RunState:
+    def begin(self, geometry: Any, device: torch.device, dtype: torch.dtype) -> RunState:
         """Start a run: caches, and the policy reset for one selection per prompt."""
         st = RunState(
             geometry=geometry, caches=self.allocate_caches(geometry, device, dtype), guidance=self.cfg_guidance(geometry.batch)
@@ -192,31 +197,10 @@ class TokenPruner:
         return st
 
     # ---- the hooked forward -----------------------------------------------------------
-    def __call__(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        pooled_projections: torch.Tensor | None = None,
-        timestep: torch.Tensor | None = None,
-        block_controlnet_hidden_states: Any = None,
-        joint_attention_kwargs: dict | None = None,
-        return_dict: bool = True,
-        skip_layers: Any = None,
-    ) -> Any:
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-        if block_controlnet_hidden_states is not None or skip_layers is not None or joint_attention_kwargs:
-            raise ConfigError(
-                "tokprune's pruned forward does not support ControlNet residuals, skip_layers or "
-                "joint_attention_kwargs (IP-Adapter, LoRA scale); call tokprune.pruning.remove(...) first"
-            )
-        b = hidden_states.shape[0]
-        geometry = Geometry.from_config(
-            self.config,
-            batch=b,
-            latent_hw=tuple(hidden_states.shape[-2:]),
-            text_tokens=encoder_hidden_states.shape[1],
-        )
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The denoiser's forward, with the denoiser's own signature (the family parses it)."""
+        geometry, call = self.family.parse_call(self.config, args, kwargs)
+        hidden_states = call.latent
         step = self._step_index()
         st = self.state
         if step is None:  # no scheduler: count calls, wrap at the end of the plan
@@ -240,16 +224,15 @@ class TokenPruner:
             st = self.state = self.begin(geometry, hidden_states.device, hidden_states.dtype)
         st.step = step
 
-        out = self.step(st, hidden_states, encoder_hidden_states, pooled_projections, timestep)
+        out = self.step(st, hidden_states, call.conditions, call.timestep)
         st.step = step + 1
-        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+        return self.family.wrap_output(out, call.return_dict)
 
     def step(
         self,
         st: RunState,
         latent: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        pooled_projections: torch.Tensor,
+        conditions: dict[str, torch.Tensor],
         timestep: torch.Tensor,
     ) -> torch.Tensor:
         """One denoising step of the plan: select, run, update caches and policy. Returns (B, C, H, W)."""
@@ -282,8 +265,7 @@ class TokenPruner:
             st,
             StepInputs(
                 latent=latent,
-                encoder_hidden_states=encoder_hidden_states,
-                pooled_projections=pooled_projections,
+                conditions=conditions,
                 timestep=timestep,
                 img_idx=idx,
                 txt_idx=txt_idx,
@@ -305,7 +287,7 @@ class TokenPruner:
         """(P, N, C) what the policy scores: per prompt the guided prediction ``u + g (c - u)``
         (``select_from="guided"``, default) or the conditional half (``"cond"``); the rows as they
         are without CFG."""
-        tokens = patchify(noise, st.geometry.patch)  # (B, N, C)
+        tokens = self.family.tokens(noise, st.geometry)  # (B, N, C)
         if st.guidance is None:
             return tokens
         uncond, cond = tokens.float().chunk(2)  # (P, N, C) each
@@ -313,7 +295,7 @@ class TokenPruner:
             return cond
         return uncond + st.guidance * (cond - uncond)
 
-    def _protect(self, g: Geometry) -> torch.Tensor | None:
+    def _protect(self, g: Any) -> torch.Tensor | None:
         """(B, T) bool tokens text pruning must keep: this call's special tokens (set by
         :mod:`tokprune.pruning.text` from the pipeline's tokenizers), or the user's static mask."""
         call = self.call_text_protect
@@ -327,7 +309,7 @@ class TokenPruner:
             )
         return self._static_protect(g)
 
-    def _static_protect(self, g: Geometry) -> torch.Tensor | None:
+    def _static_protect(self, g: Any) -> torch.Tensor | None:
         if self.text_protect is None:
             return None
         p = self.text_protect
@@ -349,14 +331,10 @@ def scheduler_steps(scheduler: Any) -> int | None:
 
 
 def _split(target: Any) -> tuple[torch.nn.Module, Any]:
-    """(transformer, scheduler or None) from a transformer or a diffusers pipeline."""
-    if hasattr(target, "transformer") and hasattr(target, "scheduler"):
-        return target.transformer, target.scheduler
-    if hasattr(target, "transformer_blocks") and hasattr(target, "pos_embed"):
-        return target, None
-    raise ConfigError(
-        f"apply/remove take an SD3Transformer2DModel or a StableDiffusion3Pipeline, got {type(target).__name__}"
-    )
+    """(denoiser, scheduler or None) from a denoiser module or a diffusers pipeline of a known family."""
+    family = family_for(target)
+    denoiser = family.denoiser(target)
+    return denoiser, (getattr(target, "scheduler", None) if denoiser is not target else None)
 
 
 def apply(

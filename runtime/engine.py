@@ -162,11 +162,11 @@ class EngineExecutor:
         dt = spec.precision.torch_dtype
         feed: dict[str, torch.Tensor] = {
             "latent": inputs.latent.to(dt),
-            "encoder_hidden_states": inputs.encoder_hidden_states.to(dt),
-            "pooled_projections": inputs.pooled_projections.to(dt),
             "timestep": inputs.timestep.to(torch.float32),
             "img_idx": inputs.img_idx.to(torch.int64),
         }
+        for name, x in inputs.conditions.items():  # the family's conditioning inputs
+            feed[name] = x.to(dt) if x.is_floating_point() else x
         if spec.prunes_text:
             feed["txt_idx"] = inputs.txt_idx.to(torch.int64)
         if not spec.dense:
@@ -282,6 +282,7 @@ class EngineTransformer(torch.nn.Module):
             scheduler=scheduler,
             executor=self.executor,
             config=engines.config,
+            family=engines.geometry.family,
             cache_dtype=engines.dtype,
             use_caches=self.pruned,
             # A bare call with an even batch is [uncond; cond] as calibrated; attach() reads the pipeline's call.
@@ -365,47 +366,28 @@ class EngineTransformer(torch.nn.Module):
         self._engines.close()
 
     # ---- the call ----------------------------------------------------------------------------
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        pooled_projections: torch.Tensor | None = None,
-        timestep: torch.Tensor | None = None,
-        block_controlnet_hidden_states: Any = None,
-        joint_attention_kwargs: dict | None = None,
-        return_dict: bool = True,
-        skip_layers: Any = None,
-    ) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The exported denoiser's forward, with its own signature (the model family parses it)."""
         if self._engines.closed:
             raise BackendUnavailableError("this runtime was closed; load it again with tokprune.runtime.load(...)")
-        if encoder_hidden_states is None or pooled_projections is None or timestep is None:
-            raise ConfigError("the runtime needs hidden_states, encoder_hidden_states, pooled_projections and timestep")
-        self._check_call(hidden_states, encoder_hidden_states)
+        geometry, _ = self._pruner.family.parse_call(self.config, args, kwargs)
+        self._check_call(geometry)
         starts = self._enter()
         try:
-            out = self._pruner(
-                hidden_states,
-                encoder_hidden_states,
-                pooled_projections,
-                timestep,
-                block_controlnet_hidden_states=block_controlnet_hidden_states,
-                joint_attention_kwargs=joint_attention_kwargs,
-                return_dict=return_dict,
-                skip_layers=skip_layers,
-            )
+            out = self._pruner(*args, **kwargs)
         except BaseException:
             self._abort()
             raise
         self._leave(starts)
         return out
 
-    def _check_call(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> None:
+    def _check_call(self, call: Any) -> None:
         """Refuse a resolution, text length or batch the engines were not built for (before any work)."""
         eng = self._engines
         g = eng.geometry
         data = eng.manifest.data
         problems = []
-        hw = tuple(hidden_states.shape[-2:])
+        hw = tuple(call.latent_hw)
         if hw != tuple(g.latent_hw):
             scale = data["height"] // g.latent_hw[0]
             problems.append(
@@ -413,13 +395,11 @@ class EngineTransformer(torch.nn.Module):
                 f"for {data['height']}x{data['width']} px (latent {g.latent_hw[0]}x{g.latent_hw[1]}); call the pipeline "
                 f"with height={data['height']}, width={data['width']}"
             )
-        t = encoder_hidden_states.shape[1]
-        if t != g.text_tokens:
-            problems.append(
-                f"text tokens: got {t}, the engines take {g.text_tokens} (77 CLIP + {g.text_tokens - 77} T5); call the "
-                f"pipeline with max_sequence_length={g.text_tokens - 77}"
-            )
-        b = hidden_states.shape[0]
+        if call.text_tokens != g.text_tokens:
+            built = _built_text_length(data)
+            fix = "" if built is None else f"; call the pipeline with max_sequence_length={built}"
+            problems.append(f"text tokens: got {call.text_tokens}, the engines take {g.text_tokens}{fix}")
+        b = call.batch
         if b % g.batch:
             problems.append(
                 f"batch: got {b} latents, the engines take batches of {g.batch} (calibrated with guidance "
@@ -430,7 +410,7 @@ class EngineTransformer(torch.nn.Module):
         if problems:
             raise ShapeError(
                 f"the runtime in {eng.directory} cannot run this call: " + "; ".join(problems)
-                + f". Or build engines for it: {_rebuild_for(eng.manifest, hw, problems)}"
+                + f". Or build engines for it: {_rebuild_for(eng.manifest, call)}"
             )
 
     def _enter(self) -> bool:
@@ -484,15 +464,26 @@ class EngineTransformer(torch.nn.Module):
             self._owner = None
 
 
-def _rebuild_for(manifest: Any, latent_hw: tuple[int, ...], problems: list[str]) -> str:
+def _built_text_length(data: Mapping[str, Any]) -> int | None:
+    """The text-length setting (``max_sequence_length``) the engines were exported for, when recorded."""
+    value = (data.get("export_config") or {}).get("max_sequence_length")
+    return None if value is None else int(value)
+
+
+def _rebuild_for(manifest: Any, call: Any) -> str:
+    """The ``tokprune-export`` command whose engines would take this call (size, text length)."""
     data = manifest.data
     g = manifest.geometry
     scale = data["height"] // g.latent_hw[0]
-    h, w = (latent_hw[0] * scale, latent_hw[1] * scale) if latent_hw != tuple(g.latent_hw) else (data["height"], data["width"])
-    return (
+    h, w = call.latent_hw[0] * scale, call.latent_hw[1] * scale
+    command = (
         f"tokprune-export --model {data['model']['ref']} --height {h} --width {w} --steps {data['steps']} "
-        f"--budget {data['budget']:g}"
+        f"--guidance {data['guidance']:g} --budget {data['budget']:g}"
     )
+    built = _built_text_length(data)
+    if built is not None:
+        command += f" --max-sequence-length {built + call.text_tokens - g.text_tokens}"
+    return command
 
 
 # ---- entry points -------------------------------------------------------------------------------

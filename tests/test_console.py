@@ -21,7 +21,7 @@ SCRIPTS = {  # [project.scripts]
     "tokprune-generate": "tokprune.runtime.cli:generate_main",
     "tokprune-bench": "tokprune.runtime.bench_cli:main",
     "tokprune-quality": "tokprune.yardstick.quality:main",
-    "tokprune-demo": "tokprune.demo:main",
+    "tokprune-demo": "tokprune.demo.cli:main",
 }
 
 

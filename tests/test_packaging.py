@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tokprune", "tokprune/pruning", "tokprune/calibrate", "tokprune/export", "tokprune/runtime", "tokprune/yardstick",
-            "tokprune/serve")
+            "tokprune/serve", "tokprune/demo")
 
 SNIPPET = r"""
 import sys, torch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from tokprune.demo import _parser, run
+from tokprune.demo.cli import _parser, run
 from tokprune.export.manifest import verify
 
 
