@@ -26,6 +26,10 @@ class PrunePlan:
 
     image_keep: tuple[int, ...]
     text_keep: tuple[int, ...] | None = None
+    #: Step caching (DeepCache, U-Net families): True where only the shallow blocks run and the deep
+    #: features of the last full step are reused; ``image_keep`` then applies to the shallow blocks.
+    #: None (default) = no cached steps. Families without step caching refuse plans that use it.
+    step_cache: tuple[bool, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.image_keep) == 0:
@@ -43,6 +47,18 @@ class PrunePlan:
             for s, k in enumerate(self.text_keep):
                 if not isinstance(k, int) or (k < 1 and k != ALL):
                     raise ConfigError(f"text_keep[{s}] = {k!r}; expected an int >= 1, or ALL (-1)")
+        if self.step_cache is not None:
+            if len(self.step_cache) != len(self.image_keep):
+                raise ConfigError(
+                    f"step_cache has {len(self.step_cache)} steps but image_keep has {len(self.image_keep)}; they must match"
+                )
+            if self.step_cache[0]:
+                raise ConfigError("step_cache[0] is True but a cached step needs an earlier full step; make step 0 full")
+            for s, (c, k) in enumerate(zip(self.step_cache, self.image_keep)):
+                if not isinstance(c, bool):
+                    raise ConfigError(f"step_cache[{s}] = {c!r}; expected a bool")
+                if c and k == 0:
+                    raise ConfigError(f"step {s} is both cached (step_cache) and a reuse step (image_keep 0); pick one")
 
     @property
     def num_steps(self) -> int:
@@ -70,7 +86,15 @@ class PrunePlan:
 
     def is_dense(self, step: int) -> bool:
         """All image and all text tokens at ``step`` (the only steps that may reset a policy's reference)."""
-        return self.image_keep[step] == ALL and (self.text_keep is None or self.text_keep[step] == ALL)
+        return (
+            self.image_keep[step] == ALL
+            and (self.text_keep is None or self.text_keep[step] == ALL)
+            and not self.is_cached(step)
+        )
+
+    def is_cached(self, step: int) -> bool:
+        """``step`` runs only the shallow blocks and reuses the deep features (:attr:`step_cache`)."""
+        return self.step_cache is not None and bool(self.step_cache[step])
 
     def prunes_text_at(self, step: int) -> bool:
         """``step`` calls the transformer with fewer than all text tokens."""
