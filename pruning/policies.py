@@ -448,7 +448,7 @@ class DynamicsPolicy(SelectionPolicy):
 
     def _select(self, k: int) -> torch.Tensor:
         score = self.token_scores()  # (B, N)
-        B, N, W = self.batch, self.num_tokens, self._windows
+        B, W = self.batch, self._windows
         slots = self._slots  # (W, 4)
         padded = torch.cat([score, score.new_full((B, 1), float("-inf"))], dim=1)  # (B, N+1): index -1 -> -inf
         slot_score = padded[:, slots]  # (B, W, 4)

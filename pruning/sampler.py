@@ -28,7 +28,7 @@ import torch
 from tokprune.errors import ConfigError, ShapeError
 from tokprune.pruning.family import ModelFamily, family_for, get_family
 from tokprune.pruning.forward import StepOutput
-from tokprune.pruning.geometry import REUSE_MODES, Geometry
+from tokprune.pruning.geometry import REUSE_MODES
 from tokprune.pruning.plan import PrunePlan
 
 logger = logging.getLogger(__name__)

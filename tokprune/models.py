@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
@@ -93,11 +92,7 @@ __all__ = [
 
 # Short names for the real checkpoints. They resolve to hub ids; the weights are the user's
 # business (gated on the hub, never downloadable in this workplace).
-MODEL_ALIASES: dict[str, str] = {
-    "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
-    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
-    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
-}
+MODEL_ALIASES: dict[str, str] = {}  # filled from every model family's ``aliases`` (_load_families)
 
 #: The entry-point table of built-in models that live above this layer. Each entry's name is the
 #: ``--model`` name and its value a zero-argument loader (``module:function``) whose docstring's
@@ -109,7 +104,6 @@ BUILTIN_ENTRY_POINT_GROUP = "tokprune.models"
 
 _HUB_PROBE_TIMEOUT_S = 3.0
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SD3_PIPELINE_CLASS_PREFIX = "StableDiffusion3"
 _LOCAL_PATH_HINT = "--model /path/to/stable-diffusion-3-medium-diffusers"
 
 
@@ -193,6 +187,7 @@ def available_models() -> dict[str, str]:
         >>> available_models()["sd3"]
         'hub: stabilityai/stable-diffusion-3-medium-diffusers'
     """
+    _load_families()
     _load_providers()
     names = {name: b.description for name, b in _BUILTINS.items()}
     names.update({alias: f"hub: {hub_id}" for alias, hub_id in MODEL_ALIASES.items()})
@@ -204,6 +199,25 @@ def _builtin_entry_points() -> Iterable[EntryPoint]:
     from importlib.metadata import entry_points
 
     return entry_points(group=BUILTIN_ENTRY_POINT_GROUP)
+
+
+_families_loaded = False
+
+
+def _load_families() -> None:
+    """Aliases and offline builtins of every model family (``tokprune.pruning.family``), once."""
+    global _families_loaded
+    if _families_loaded:
+        return
+    _families_loaded = True
+    from tokprune.pruning.family import all_families
+
+    for family in all_families().values():
+        for alias, hub_id in family.aliases.items():
+            MODEL_ALIASES.setdefault(alias, hub_id)
+        for name, (loader, description) in family.builtins().items():
+            if name not in _BUILTINS:
+                register_builtin(name, loader, description)
 
 
 def _load_providers() -> None:
@@ -250,6 +264,7 @@ def resolve_model(name_or_path: str) -> ModelSource:
         raise ConfigError(f"--model expects a name, hub id or directory, got {type(name_or_path).__name__}.")
     text = os.fspath(name_or_path).strip()
     key = text.lower()
+    _load_families()
     if key in _BUILTINS:
         return ModelSource(key, "builtin", key)
     if key in MODEL_ALIASES:
@@ -329,6 +344,9 @@ def load_pipeline(
     if source.kind == "builtin":
         return _BUILTINS[source.ref].loader().to(device=device, dtype=dtype)
     pipe = _load_local(source, dtype) if source.kind == "local" else _load_hub(source, dtype)
+    from tokprune.pruning.family import family_for
+
+    family_for(pipe)  # a pipeline no family prunes is refused here, naming the supported ones
     pipe = pipe.to(device=device, dtype=dtype)
     _realign_cpu_tensors(pipe)
     return pipe
@@ -351,22 +369,23 @@ def _realign_cpu_tensors(pipe: StableDiffusion3Pipeline) -> None:
     logger.debug("re-aligned %d CPU tensors", moved)
 
 
-def _load_local(source: ModelSource, dtype: torch.dtype) -> StableDiffusion3Pipeline:
-    from diffusers import StableDiffusion3Pipeline
+def _load_local(source: ModelSource, dtype: torch.dtype) -> Any:
+    import diffusers
 
     index_path = Path(source.ref) / "model_index.json"
     try:
         class_name = json.loads(index_path.read_text()).get("_class_name", "")
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"--model {source.ref!r}: cannot read {index_path}: {exc}") from exc
-    if not str(class_name).startswith(_SD3_PIPELINE_CLASS_PREFIX):
+    family = _family_of_class(str(class_name))
+    if family is None:
         raise ConfigError(
             f"--model {source.ref!r} holds a {class_name or 'unnamed'} pipeline (model_index.json "
-            f"_class_name); expected StableDiffusion3Pipeline (SD3 / SD3.5). Point --model at an "
-            f"SD3 diffusers directory."
+            f"_class_name); tokprune prunes {', '.join(_known_pipeline_classes())}. Point --model at a "
+            f"diffusers directory of one of those."
         )
     try:
-        return StableDiffusion3Pipeline.from_pretrained(source.ref, local_files_only=True, **_dtype_kwarg(dtype))
+        return getattr(diffusers, str(class_name)).from_pretrained(source.ref, local_files_only=True, **_dtype_kwarg(dtype))
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(
             f"--model {source.ref!r}: the diffusers directory did not load ({_first_line(exc)}). "
@@ -374,12 +393,12 @@ def _load_local(source: ModelSource, dtype: torch.dtype) -> StableDiffusion3Pipe
         ) from exc
 
 
-def _load_hub(source: ModelSource, dtype: torch.dtype) -> StableDiffusion3Pipeline:
-    from diffusers import StableDiffusion3Pipeline
+def _load_hub(source: ModelSource, dtype: torch.dtype) -> Any:
+    from diffusers import DiffusionPipeline
 
     hub_id = source.ref
     try:
-        return StableDiffusion3Pipeline.from_pretrained(hub_id, local_files_only=True, **_dtype_kwarg(dtype))
+        return DiffusionPipeline.from_pretrained(hub_id, local_files_only=True, **_dtype_kwarg(dtype))
     except Exception as exc:  # noqa: BLE001 - any failure here just means "not usable from the cache"
         cache_error = _first_line(exc)
         logger.debug("%s not loadable from the HF cache: %s", hub_id, cache_error)
@@ -395,7 +414,7 @@ def _load_hub(source: ModelSource, dtype: torch.dtype) -> StableDiffusion3Pipeli
         )
     logger.info("downloading %s from the Hugging Face hub", hub_id)
     try:
-        return StableDiffusion3Pipeline.from_pretrained(hub_id, **_dtype_kwarg(dtype))
+        return DiffusionPipeline.from_pretrained(hub_id, **_dtype_kwarg(dtype))
     except Exception as exc:  # noqa: BLE001 - network, auth and missing-repo errors all land here
         hint = f"Check the hub id and your network, or pass a local diffusers directory ({_LOCAL_PATH_HINT})."
         if "gated" in type(exc).__name__.lower() or "401" in str(exc) or "403" in str(exc):
@@ -403,6 +422,21 @@ def _load_hub(source: ModelSource, dtype: torch.dtype) -> StableDiffusion3Pipeli
         raise ModelNotFoundError(
             f"--model {source.name!r}: downloading hub id {hub_id!r} failed ({_first_line(exc)}). {hint}"
         ) from exc
+
+
+def _family_of_class(class_name: str) -> Any:
+    from tokprune.pruning.family import all_families
+
+    for family in all_families().values():
+        if class_name in family.pipeline_classes:
+            return family
+    return None
+
+
+def _known_pipeline_classes() -> list[str]:
+    from tokprune.pruning.family import all_families
+
+    return [c for f in all_families().values() for c in f.pipeline_classes]
 
 
 def _offline_reason() -> str | None:
@@ -454,8 +488,6 @@ from tokprune.tiny import (  # noqa: E402  (re-exported: the public home of the 
     tiny_transformer_config,
 )
 
-register_builtin("sd3-tiny", functools.partial(build_tiny_pipeline, "sd3"), "offline tiny SD3 (N=256, T=333)")
-register_builtin("sd3.5-tiny", functools.partial(build_tiny_pipeline, "sd3.5"), "offline tiny SD3.5 (qk-norm, dual)")
 
 
 # --------------------------------------------------------------------------------------
