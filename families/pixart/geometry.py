@@ -47,6 +47,7 @@ class PixArtGeometry:
     caption_channels: int  # width of encoder_hidden_states (T5 d_model); the caption projection maps it to D
     cross_attention_dim: int  # width of the projected captions the cross-attention keys/values read
     additional_conditions: bool = False  # PixArt-α 1024: resolution / aspect-ratio embeddings (Σ: False)
+    caption_projection: bool = True  # caption_channels set: a 2-layer MLP maps the captions to D first
 
     family: str = FAMILY_NAME
 
@@ -145,6 +146,7 @@ class PixArtGeometry:
             "caption_channels": self.caption_channels,
             "cross_attention_dim": self.cross_attention_dim,
             "additional_conditions": self.additional_conditions,
+            "caption_projection": self.caption_projection,
         }
 
     @classmethod
@@ -202,6 +204,7 @@ class PixArtGeometry:
             caption_channels=int(caption) if caption is not None else int(cross or dim),
             cross_attention_dim=int(cross) if cross is not None else dim,
             additional_conditions=bool(extra),
+            caption_projection=caption is not None,
         )
 
     @classmethod
