@@ -34,14 +34,15 @@ from tokprune.calibrate.baselines import TOLERANCE, derive_align
 from tokprune.calibrate.prompts import load_prompts, split_prompts
 from tokprune.calibrate.schedule import REUSE, Bucket, Schedule
 from tokprune.calibrate.search import describe, search
-from tokprune.errors import ConfigError, ShapeError
+from tokprune.errors import ConfigError
 from tokprune.pruning.geometry import REUSE_MODES, Geometry
 from tokprune.pruning.macs import dense_macs, mac_fraction, step_macs
+from tokprune.pruning.family import family_for
 from tokprune.pruning.plan import PrunePlan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["calibrate", "check_inputs"]
+__all__ = ["BASELINES", "baseline_schedule", "calibrate", "check_inputs"]
 
 
 def check_inputs(
@@ -58,17 +59,10 @@ def check_inputs(
 ) -> tuple[int, int, Geometry]:
     """Validate everything cheap before any model call. Returns (height, width, geometry at batch 1).
 
-    ``None`` for height / width / max_sequence_length means the model's call defaults
-    (:func:`tokprune.models.call_defaults`), else the pipeline's default size and T5 length 256.
+    ``None`` for height / width / max_sequence_length means the model's call defaults, else the
+    pipeline's (:meth:`~tokprune.pruning.family.ModelFamily.settings` resolves them once).
     """
-    from tokprune.models import call_defaults
     from tokprune.pruning.policies import make_policy
-
-    model_defaults = call_defaults(pipe)
-    height = model_defaults.get("height") if height is None else height
-    width = model_defaults.get("width") if width is None else width
-    if max_sequence_length is None:
-        max_sequence_length = int(model_defaults.get("max_sequence_length", 256))
 
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < float(budget) <= 1.0:
         raise ConfigError(f"--budget {budget!r} is out of range; expected a fraction of dense MACs in (0, 1], e.g. 0.5")
@@ -78,30 +72,16 @@ def check_inputs(
         raise ConfigError(f"--max-buckets {max_buckets!r}; expected an int >= 1 (the dense bucket takes one)")
     if reuse not in REUSE_MODES:
         raise ConfigError(f"reuse={reuse!r}; expected one of {REUSE_MODES}")
-    if not 1 <= int(max_sequence_length) <= 512:
-        raise ConfigError(f"--max-sequence-length {max_sequence_length}; expected 1..512 (T5 limit)")
     make_policy(policy)  # unknown name -> ConfigError listing the choices
     if budget < 1.0 / steps - TOLERANCE:
         raise ConfigError(
             f"--budget {budget:g} is below what {steps} steps can reach: step 0 always runs dense, i.e. at least "
             f"{1 / steps:.3f} of dense MACs; raise --budget or --steps"
         )
-    vsf = int(pipe.vae_scale_factor)
-    patch = int(pipe.transformer.config.patch_size)
-    default = int(pipe.default_sample_size) * vsf
-    height = default if height is None else int(height)
-    width = default if width is None else int(width)
-    multiple = vsf * patch
-    if height <= 0 or width <= 0 or height % multiple or width % multiple:
-        raise ShapeError(
-            f"resolution {height}x{width} is not a positive multiple of {multiple} (VAE scale factor {vsf} x patch "
-            f"{patch}); pass --height/--width that are multiples of {multiple}, e.g. {default}x{default}"
-        )
-    text_tokens = int(pipe.tokenizer.model_max_length) + int(max_sequence_length)
-    geometry = Geometry.from_config(
-        pipe.transformer.config, batch=1, latent_hw=(height // vsf, width // vsf), text_tokens=text_tokens
-    )
-    return height, width, geometry
+    family = family_for(pipe)
+    settings = family.settings(pipe, height=height, width=width, steps=steps, max_sequence_length=max_sequence_length)
+    geometry = settings.geometry(family.denoiser(pipe), batch=1)
+    return settings.height, settings.width, geometry
 
 
 def calibrate(
@@ -157,18 +137,16 @@ def calibrate(
     ``ShapeError`` for bad inputs, before any model call.
     """
     from tokprune.calibrate.checkpoint import RolloutStore
-    from tokprune.models import call_defaults, fingerprint
+    from tokprune.models import fingerprint
 
-    model_defaults = call_defaults(pipe)
-    height = height if height is not None else model_defaults.get("height")
-    width = width if width is not None else model_defaults.get("width")
-    guidance = float(model_defaults.get("guidance_scale", 7.0) if guidance is None else guidance)
-    if max_sequence_length is None:
-        max_sequence_length = int(model_defaults.get("max_sequence_length", 256))
     height, width, geometry = check_inputs(
         pipe, budget=budget, steps=steps, height=height, width=width, max_buckets=max_buckets, policy=policy,
         max_sequence_length=max_sequence_length, reuse=reuse,
     )
+    settings = family_for(pipe).settings(
+        pipe, height=height, width=width, steps=steps, guidance=guidance, max_sequence_length=max_sequence_length
+    )
+    guidance, max_sequence_length = settings.guidance, settings.max_sequence_length
     if isinstance(max_rollouts, bool) or not isinstance(max_rollouts, int) or max_rollouts < 1:
         raise ConfigError(f"--max-rollouts {max_rollouts!r}; expected an int >= 1")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -202,7 +180,7 @@ def calibrate(
         plan = PrunePlan.dense(steps)
     else:
         identity = {
-            "fingerprint": fingerprint(pipe.transformer), "steps": steps, "guidance": guidance, "height": height,
+            "fingerprint": fingerprint(family_for(pipe).denoiser(pipe)), "steps": steps, "guidance": guidance, "height": height,
             "width": width, "max_sequence_length": max_sequence_length, "seed": seed, "reuse": reuse,
             "batch_size": batch_size, "scheduler": dict(pipe.scheduler.config),
         }
@@ -348,8 +326,9 @@ def _freeze(
     }
     scheduler = pipe.scheduler
     sched = Schedule(
+        family=family_for(pipe).name,
         model=model or str(getattr(pipe.config, "_name_or_path", None) or "custom"),
-        model_fingerprint=fingerprint(pipe.transformer),
+        model_fingerprint=fingerprint(family_for(pipe).denoiser(pipe)),
         height=height,
         width=width,
         vae_scale_factor=int(pipe.vae_scale_factor),
@@ -372,3 +351,55 @@ def _freeze(
                 [b.key for b in buckets])
     return sched
 
+
+
+BASELINES = ("cat", "ras", "interleaved")
+
+
+def baseline_schedule(
+    pipe: Any,
+    baseline: str = "cat",
+    *,
+    budget: float,
+    steps: int = 28,
+    height: int | None = None,
+    width: int | None = None,
+    guidance: float | None = None,
+    max_sequence_length: int | None = None,
+    model: str | None = None,
+    policy: str = "cat",
+    reuse: str = "noise",
+    align: int | None = None,
+    **options: Any,
+) -> Schedule:
+    """A fixed baseline (:mod:`tokprune.calibrate.baselines`) at ``budget``, frozen as :func:`calibrate` freezes.
+
+    Nothing is measured: ``baseline`` is ``"cat"`` (``t0`` dense steps, then one K), ``"ras"`` or
+    ``"interleaved"``; ``options`` go to that function (e.g. ``t0=8``). Settings default as in
+    :func:`calibrate`; ``align`` defaults to :func:`~tokprune.calibrate.baselines.derive_align`.
+
+    Example::
+
+        from tokprune.calibrate.api import baseline_schedule
+        sched = baseline_schedule(load_pipeline("sd3-tiny"), "cat", budget=0.5, steps=8, model="sd3-tiny")
+    """
+    from tokprune.calibrate import baselines
+    from tokprune.models import call_defaults
+
+    if baseline not in BASELINES:
+        raise ConfigError(f"baseline {baseline!r} is unknown; expected one of {', '.join(BASELINES)}")
+    height, width, geometry = check_inputs(
+        pipe, budget=budget, steps=steps, height=height, width=width, max_buckets=4, policy=policy,
+        max_sequence_length=max_sequence_length, reuse=reuse,
+    )
+    guidance = float(call_defaults(pipe).get("guidance_scale", 7.0) if guidance is None else guidance)
+    geometry = geometry.with_batch(2 if guidance > 1.0 else 1)
+    align = derive_align(geometry.num_tokens) if align is None else int(align)
+    if baseline == "interleaved":
+        plan = baselines.interleaved_schedule(geometry, steps, budget, reuse=reuse, **options)
+    else:
+        make = baselines.cat_schedule if baseline == "cat" else baselines.ras_schedule
+        plan = make(geometry, steps, budget, align=align, reuse=reuse, **options)
+    stats = {"method": f"baseline:{baseline} (tokprune.calibrate.baselines, not measured)", "options": dict(options)}
+    return _freeze(pipe, plan, geometry, stats, model=model, height=height, width=width, steps=steps,
+                   guidance=guidance, budget=float(budget), policy=policy, reuse=reuse, align=align)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from tokprune.errors import ScheduleError
-from tokprune.pruning.geometry import REUSE_MODES, Geometry
+from tokprune.pruning.geometry import REUSE_MODES
 from tokprune.pruning.plan import ALL, PrunePlan
 
 SCHEMA_VERSION = 1
@@ -157,6 +157,7 @@ class Schedule:
     align: int = 1  # keep counts are multiples of this (or N / T)
     stats: dict = field(default_factory=dict)  # calibration statistics (JSON-native)
     schema_version: int = SCHEMA_VERSION
+    family: str = "sd3"  # model family (tokprune.pruning.family); written only when not "sd3" (old files stay valid)
 
     def __post_init__(self) -> None:
         # diffusers' private bookkeeping (_class_name, _diffusers_version, _use_default_values in varying
@@ -241,13 +242,15 @@ class Schedule:
         prunes_text = any(t != ALL for t in text)
         return PrunePlan(image_keep=tuple(image), text_keep=tuple(text) if prunes_text else None)
 
-    def geometry(self, transformer_config: Any, batch: int) -> Geometry:
-        """The :class:`Geometry` of one call under this schedule (``batch`` includes both CFG halves).
+    def geometry(self, transformer_config: Any, batch: int) -> Any:
+        """The family's geometry of one call under this schedule (``batch`` includes both CFG halves).
 
         Raises :class:`ScheduleError` if the transformer gives a different token count than the
         schedule was calibrated for.
         """
-        g = Geometry.from_config(
+        from tokprune.pruning.family import get_family
+
+        g = get_family(self.family).geometry(
             transformer_config, batch=batch, latent_hw=self.latent_hw, text_tokens=self.text_tokens
         )
         if g.num_tokens != self.num_tokens:
@@ -272,6 +275,8 @@ class Schedule:
                 v = [b.key for b in v]
             elif f.name == "plan":
                 v = list(v)
+            elif f.name == "family" and v == "sd3":
+                continue  # the default family is implied, so SD3 schedules hash as before families existed
             d[f.name] = v
         if include_hash:
             d["content_hash"] = self.content_hash
@@ -317,7 +322,7 @@ class Schedule:
         if not isinstance(stored_hash, str):
             raise ScheduleError(f"{source}: content_hash is missing; the file was not written by Schedule.save")
         expected_keys = {f.name for f in fields(cls)}
-        missing, extra = expected_keys - body.keys(), body.keys() - expected_keys
+        missing, extra = expected_keys - body.keys() - {"family"}, body.keys() - expected_keys
         if missing or extra:
             raise ScheduleError(f"{source}: fields missing {sorted(missing)}, unexpected {sorted(extra)}")
         actual_hash = hashlib.sha256(canonical_json(body).encode("ascii")).hexdigest()

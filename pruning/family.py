@@ -193,13 +193,21 @@ class ModelFamily(abc.ABC):
         size = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
         return size, size
 
+    def size_multiple(self, pipe: Any) -> int:
+        """Image sizes must be multiples of this: the VAE scale factor times the denoiser's patch size."""
+        patch = int(getattr(self.denoiser(pipe).config, "patch_size", None) or 1)
+        return int(pipe.vae_scale_factor) * patch
+
     def latent_hw(self, pipe: Any, height: int, width: int) -> tuple[int, int]:
-        """Latent (h, w) of an image size; raises when the size does not fit the VAE's scale."""
-        vsf = int(pipe.vae_scale_factor)
-        if height <= 0 or width <= 0 or height % vsf or width % vsf:
-            raise ConfigError(
-                f"image size {height}x{width} is not a positive multiple of the VAE scale factor {vsf}; "
-                f"use --height/--width multiples of {vsf}"
+        """Latent (h, w) of an image size; raises :class:`~tokprune.errors.ShapeError` when the size does not fit."""
+        from tokprune.errors import ShapeError
+
+        vsf, multiple = int(pipe.vae_scale_factor), self.size_multiple(pipe)
+        if height <= 0 or width <= 0 or height % multiple or width % multiple:
+            dh, dw = self.default_size(pipe)
+            raise ShapeError(
+                f"resolution {height}x{width} is not a positive multiple of {multiple} (VAE scale factor {vsf} x "
+                f"patch {multiple // vsf}); pass --height/--width that are multiples of {multiple}, e.g. {dh}x{dw}"
             )
         return height // vsf, width // vsf
 
