@@ -19,7 +19,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tokprune.errors import ConfigError, TokpruneError
+from tokprune.console import add_common, run_cli
+from tokprune.errors import ConfigError
 
 PROG = "tokprune-serve"
 logger = logging.getLogger("tokprune.serve")
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
             "steps/height/width only as the engines were built) returns a PNG, or JSON with base64 and timings "
             "with \"format\": \"json\". GET /healthz, GET /readyz. Needs the serve extra: pip install 'tokprune[serve]'."
         ),
-        epilog="Example: tokprune-serve engines/shapes-128x128-s8-b0.5 --replicas 2 --port 8000",
+        epilog="Example: tokprune-serve engines/shapes-128x128-s8-b0.5 --replicas 2 --port 8000\n\n"
+               "SIGTERM stops the server cleanly with exit status 0; Ctrl-C stops it as cleanly, with 130.",
     )
     main = p.add_argument_group("what matters")
     main.add_argument("directory", type=Path, help="an export directory written by tokprune-export")
@@ -58,8 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     tinker.add_argument("--device", default=None, help="cpu or cuda (default: cuda with --num-gpus, else cpu)")
     tinker.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per replica")
     tinker.add_argument("--max-prompt-chars", type=int, default=2000, help="longest prompt accepted (default 2000)")
-    tinker.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
+    return add_common(p)
 
 
 def preflight(directory: Path) -> tuple[list[str], list[str]]:
@@ -75,32 +76,38 @@ def preflight(directory: Path) -> tuple[list[str], list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``tokprune-serve``; returns the exit status (0 stopped cleanly, 1 error, 2 usage)."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    """Entry point of ``tokprune-serve`` (through the shared CLI runner); returns the exit status:
+    0 stopped by SIGTERM, 1 failure, 2 bad input, 130 stopped by Ctrl-C."""
+    return run_cli(build_parser(), argv, _serve_until_stopped, interrupted_hint="the server stopped cleanly")
+
+
+class _Stopped(BaseException):
+    """SIGTERM arrived: the normal way a process manager stops a server (exit 0)."""
+
+
+def _serve_until_stopped(args: argparse.Namespace) -> int:
     _stop_on_signals()
     try:
         return _serve(args)
-    except KeyboardInterrupt:
+    except _Stopped:
         print(f"{PROG}: stopped", file=sys.stderr)
         return 0
-    except TokpruneError as exc:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
 
 
 def _stop_on_signals() -> None:
-    """SIGTERM (and SIGINT, even in a background job that ignores it) stop the server cleanly."""
+    """SIGTERM stops the server cleanly (exit 0); SIGINT (Ctrl-C, even in a background job that ignores it)
+    too, reported as interrupted (130)."""
     import signal
 
     def stop(signum: int, frame: object) -> None:
+        raise _Stopped
+
+    def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig, handler in ((signal.SIGINT, interrupt), (signal.SIGTERM, stop)):
         try:
-            signal.signal(sig, stop)
+            signal.signal(sig, handler)
         except ValueError:  # not the main thread (tests)
             pass
 

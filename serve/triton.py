@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tokprune.errors import ConfigError, ManifestError, TokpruneError
+from tokprune.console import add_common, run_cli
+from tokprune.errors import ConfigError, ManifestError
 from tokprune.fsutil import describe_dir, replace_dir
 
 logger = logging.getLogger(__name__)
@@ -235,8 +236,7 @@ def _external_files(onnx_path: Path) -> list[str]:
     return sorted(files)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``tokprune-triton``; 0 ok, 1 error, 2 usage error."""
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokprune-triton", description=__doc__.split("\n\n")[0],
                                 epilog="Example: tokprune-triton engines/shapes-128x128-s8-b0.5 triton-repo")
     p.add_argument("directory", type=Path, help="an export directory written by tokprune-export")
@@ -247,17 +247,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pipeline-instances", type=int, default=1, help="instances of the BLS model (default 1)")
     p.add_argument("--no-validate", action="store_true", help="skip parsing the configs with tritonclient")
     p.add_argument("--force", action="store_true", help="replace OUT")
-    p.add_argument("--debug", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        summary = write_repository(args.directory, args.out, prefer=args.prefer, gpu=args.gpu, instances=args.instances,
-                                   pipeline_instances=args.pipeline_instances, force=args.force,
-                                   validate=not args.no_validate)
-    except TokpruneError as exc:
-        if args.debug:
-            raise
-        print(f"tokprune-triton: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+    return add_common(p)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tokprune-triton`` (through the shared CLI runner): 0 ok, 1 failure, 2 bad input,
+    130 interrupted (OUT is swapped in only when complete)."""
+    return run_cli(build_parser(), argv, _run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    summary = write_repository(args.directory, args.out, prefer=args.prefer, gpu=args.gpu, instances=args.instances,
+                               pipeline_instances=args.pipeline_instances, force=args.force,
+                               validate=not args.no_validate)
     for name, info in summary["models"].items():
         print(f"{name:32s} {info['format']:14s} {info['files']}")
     print(f"wrote {summary['out']}" + (f"; {summary['validated']}" if "validated" in summary else ""))

@@ -19,10 +19,21 @@ SCRIPTS = {  # [project.scripts]
     "tokprune-inspect": "tokprune.export.cli:inspect_main",
     "tokprune-calibrate": "tokprune.calibrate.cli:main",
     "tokprune-generate": "tokprune.runtime.cli:generate_main",
-    "tokprune-bench": "tokprune.runtime.bench_cli:main",
+    "tokprune-bench": "tokprune.bench.cli:main",
     "tokprune-quality": "tokprune.yardstick.quality:main",
     "tokprune-demo": "tokprune.demo.cli:main",
+    "tokprune-serve": "tokprune.serve.cli:main",
+    "tokprune-triton": "tokprune.serve.triton:main",
 }
+
+
+def test_every_console_script_is_checked_here():
+    """A new console script must be added above, so the shared-runner checks below cover it."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"] == SCRIPTS
 
 
 def _main(script: str):
@@ -122,20 +133,3 @@ def test_debug_lets_third_party_warnings_through(caplog):
     assert console.run_cli(parser, ["--debug"], body) == 0
     assert "requires torchvision" in caplog.text
     console.setup("tokprune-x")  # filters back on for the tests that follow
-
-
-def test_console_main_decorator_for_a_main_that_parses_its_own_arguments(capsys):
-    @console.console_main("tokprune-quality")
-    def main(argv=None) -> int:
-        parser = argparse.ArgumentParser(prog="tokprune-quality")
-        parser.add_argument("--n", type=int, default=1)
-        args = parser.parse_args(argv)
-        if args.n < 1:
-            raise ConfigError(f"--n {args.n}; expected >= 1")
-        raise KeyboardInterrupt
-
-    assert main(["--n", "0"]) == 2 and "tokprune-quality: error: --n 0; expected >= 1" in capsys.readouterr().err
-    assert main(["--n", "x"]) == 2
-    assert main([]) == 130
-    assert main(["--debug", "--log-level", "info", "--n", "0"]) == 2  # shared flags taken out before its parser
-    assert "Traceback" in capsys.readouterr().err

@@ -18,14 +18,14 @@ Example::
         parser.add_argument("--n", type=int, default=1)
         return run_cli(parser, argv, lambda args: print(args.n) or 0)
 
-For a ``main(argv) -> int`` that parses its own arguments, :func:`console_main` wraps it.
+Every console script of ``pyproject.toml`` goes through :func:`run_cli`; tests check that each one's
+``--help`` documents the shared flags and the exit statuses.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import functools
 import logging
 import os
 import re
@@ -44,7 +44,6 @@ __all__ = [
     "EXIT_OK",
     "EXIT_CODES_EPILOG",
     "add_common",
-    "console_main",
     "exit_code",
     "one_line",
     "run_cli",
@@ -297,42 +296,3 @@ def run_cli(
         return EXIT_OK if code is None else int(code)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the one error path of every command
         return report(prog, exc, debug=debug, interrupted_hint=interrupted_hint)
-
-
-def console_main(prog: str, *, interrupted_hint: str = "") -> Callable[[Callable[..., int]], Callable[..., int]]:
-    """Decorator for a ``main(argv=None) -> int`` that parses its own arguments.
-
-    It gets the shared logging set-up and warning filters and the one error path: one line, exit 2
-    bad input, 1 failure, 130 interrupted, the traceback only with ``--debug``. ``--debug`` and
-    ``--log-level LEVEL`` are taken out of ``argv`` before ``main`` sees them (its parser need not
-    know them); ``--quiet`` is read and left in. Example::
-
-        @console_main("tokprune-quality")
-        def main(argv=None) -> int: ...
-    """
-
-    def wrap(fn: Callable[..., int]) -> Callable[..., int]:
-        @functools.wraps(fn)
-        def main(argv: Sequence[str] | None = None) -> int:
-            words = list(sys.argv[1:] if argv is None else argv)
-            debug = "--debug" in words
-            words = [w for w in words if w != "--debug"]
-            level = None
-            if "--log-level" in words[:-1]:
-                i = words.index("--log-level")
-                level = words[i + 1] if words[i + 1] in ("debug", "info", "warning", "error") else None
-                del words[i:i + 2]
-            setup(prog, quiet="--quiet" in words, debug=debug, log_level=level)
-            try:
-                code = fn(words)
-                _truncation_note()
-                return EXIT_OK if code is None else int(code)
-            except SystemExit as exc:
-                return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_BAD_INPUT
-            except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
-                return report(prog, exc, debug=debug, interrupted_hint=interrupted_hint)
-
-        return main
-
-    return wrap
-

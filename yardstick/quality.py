@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from tokprune.console import add_common, console_main
+from tokprune.console import add_common, run_cli
 from tokprune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -101,12 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     return add_common(p)  # --quiet, --debug, --log-level and the exit codes, as every tokprune command
 
 
-@console_main(PROG, interrupted_hint="re-run the same command to resume (finished rows are recorded)")
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``tokprune-quality``: exit 0 ok, 1 failure, 2 bad input, 130 interrupted."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    return _run(args, argv)
+    """Entry point of ``tokprune-quality`` (through the shared CLI runner): exit 0 ok, 1 failure, 2 bad input,
+    130 interrupted."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(build_parser(), words, lambda args: _run(args, words),
+                   interrupted_hint="re-run the same command to resume (finished rows are recorded)")
 
 
 def _invocation() -> list[str]:
