@@ -22,13 +22,13 @@ from tokprune.console import EXIT_FAILURE, add_common, run_cli
 from tokprune.errors import ConfigError
 from tokprune.fsutil import atomic_output, atomic_write_text, check_output_dir, check_output_file, read_text_input
 
-logger = logging.getLogger("tokprune.runtime")
+logger = logging.getLogger("tokprune.bench")
 
 PROG = "tokprune-bench"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tokprune.runtime.bench import BACKENDS
+    from tokprune.bench.scenario import BACKENDS
 
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -105,7 +105,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace, command: str) -> int:
     if args.make_model is not None:
         check_output_dir(args.make_model, flag="--make-model")
-        from tokprune.runtime.bench_models import save_bench_model
+        from tokprune.bench.models import save_bench_model
 
         path = save_bench_model(args.make_model, args.size)
         print(f"wrote {args.size} bench model to {path}; use it as --model {path}")
@@ -113,13 +113,14 @@ def _run(args: argparse.Namespace, command: str) -> int:
     if args.engines is None:
         raise ConfigError("--engines DIR is required (an export directory from tokprune-export)")
     _check_args(args)
-    from tokprune.runtime.bench import DEFAULT_PROMPTS, BenchConfig, run_bench
-    from tokprune.runtime.bench_report import markdown, plot
+    from tokprune.bench.grid import run_bench
+    from tokprune.bench.report import markdown, plot
+    from tokprune.bench.scenario import DEFAULT_PROMPTS, GridScenario
 
     prompts = DEFAULT_PROMPTS
     if args.prompts is not None:
         prompts = tuple(read_text_input(args.prompts, flag="--prompts", what="prompt"))
-    cfg = BenchConfig(
+    scenario = GridScenario(
         engines=args.engines,
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
         prompts=prompts,
@@ -130,7 +131,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         threads=args.threads,
         progress=not args.quiet,
     )
-    result = run_bench(cfg, command=command)
+    result = run_bench(scenario, command=command)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.json, json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")

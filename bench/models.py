@@ -18,9 +18,13 @@ large    12     768    12 x 64      256 x 256 -> 4096     ~230 M
 
 Random weights measure speed, never quality.
 
+:func:`build_transformer` builds a bare transformer of a real architecture (:data:`TRANSFORMER_ARCHS`,
+e.g. the full SD3-medium MMDiT) with random weights directly on the device, for loop benchmarks
+(:mod:`tokprune.bench.scenarios.gpu_ready`); ``"tiny"`` is the offline tiny SD3 transformer.
+
 Example::
 
-    from tokprune.runtime.bench_models import save_bench_model
+    from tokprune.bench.models import save_bench_model
     save_bench_model("models/sd3-bench-medium", size="medium")
     # then: tokprune-calibrate --model models/sd3-bench-medium --budget 0.5 --max-sequence-length 77 ...
 """
@@ -37,7 +41,8 @@ from tokprune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BENCH_SIZES", "build_bench_pipeline", "save_bench_model"]
+__all__ = ["BENCH_SIZES", "TRANSFORMER_ARCHS", "build_bench_pipeline", "build_transformer", "cat_reference_schedule",
+           "save_bench_model"]
 
 BENCH_SIZES: dict[str, dict[str, Any]] = {
     "medium": {"num_layers": 6, "num_attention_heads": 6, "attention_head_dim": 64, "sample_size": 64},
@@ -78,47 +83,56 @@ def save_bench_model(directory: str | Path, size: str = "medium", *, seed: int =
     return directory
 
 
+#: Real transformer architectures (diffusers ``SD3Transformer2DModel`` configs) for loop benchmarks.
+TRANSFORMER_ARCHS: dict[str, dict[str, Any]] = {
+    # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json: 24 blocks, hidden 1536, ~2.0 B parameters
+    "sd3-medium": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                       attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                       caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192),
+}
+
+
+def build_transformer(arch: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                      seed: int = 0) -> torch.nn.Module:
+    """A random-weight transformer of ``arch`` (a :data:`TRANSFORMER_ARCHS` name, or ``"tiny"``), eval, no grad."""
+    from diffusers import SD3Transformer2DModel
+
+    from tokprune.models import build_tiny_transformer
+
+    if arch == "tiny":
+        model = build_tiny_transformer()
+    elif arch in TRANSFORMER_ARCHS:
+        torch.manual_seed(seed)
+        with torch.device(device):  # initialised on the device: a 2 B model is slow to build on a CPU
+            model = SD3Transformer2DModel(**TRANSFORMER_ARCHS[arch])
+    else:
+        raise ConfigError(f"transformer architecture {arch!r} is unknown; expected tiny or one of {sorted(TRANSFORMER_ARCHS)}")
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
 def cat_reference_schedule(
     model: str, *, budget: float = 0.5, steps: int = 10, guidance: float = 7.0, max_sequence_length: int = 32,
     align: int = 64, policy: str = "cat",
 ) -> Any:
-    """The CAT-Pruning reference schedule as a :class:`~tokprune.calibrate.schedule.Schedule` (no calibration).
+    """The CAT-Pruning reference schedule of ``model`` as a :class:`~tokprune.calibrate.schedule.Schedule` (no calibration).
 
     Dense warm-up for ``round(8/28 * steps)`` steps, then one constant image keep K (a multiple of
     ``align``) whose MAC fraction is closest to ``budget``; text is never pruned
-    (:func:`tokprune.calibrate.baselines.cat_schedule`). Export it with ``tokprune-export --schedule``.
+    (:func:`tokprune.calibrate.api.baseline_schedule` with ``"cat"``). Export it with ``tokprune-export --schedule``.
     """
-    from tokprune.calibrate.baselines import cat_schedule
-    from tokprune.calibrate.schedule import REUSE, Bucket, Schedule
-    from tokprune.pruning.geometry import Geometry
-    from tokprune.pruning.macs import mac_fraction
+    from tokprune.calibrate.api import baseline_schedule
 
-    from tokprune.models import fingerprint, load_pipeline
+    from tokprune.models import load_pipeline
 
-    pipe = load_pipeline(model)
-    vsf = int(pipe.vae_scale_factor)
-    size = int(pipe.default_sample_size) * vsf
-    text = int(pipe.tokenizer.model_max_length) + int(max_sequence_length)
-    batch = 2 if guidance > 1.0 else 1
-    g = Geometry.from_config(pipe.transformer.config, batch=batch, latent_hw=(size // vsf, size // vsf), text_tokens=text)
-    plan = cat_schedule(g, steps, budget, align=align)
-    n = g.num_tokens
-    keys = [REUSE if k == 0 else Bucket(n if k < 0 else k, text).key for k in plan.image_keep]
-    return Schedule(
-        model=model, model_fingerprint=fingerprint(pipe.transformer), height=size, width=size, vae_scale_factor=vsf,
-        num_tokens=n, text_tokens=text, steps=steps, scheduler=type(pipe.scheduler).__name__,
-        scheduler_config=dict(pipe.scheduler.config), guidance=guidance, budget=budget,
-        mac_fraction=mac_fraction(g, plan), policy=policy,
-        buckets=tuple(sorted({Bucket.from_key(k) for k in keys if k != REUSE}, reverse=True)), plan=tuple(keys),
-        align=align, stats={"method": "cat-reference (tokprune.calibrate.baselines.cat_schedule)"},
-    )
+    return baseline_schedule(load_pipeline(model), "cat", budget=budget, steps=steps, guidance=guidance,
+                             max_sequence_length=max_sequence_length, model=model, policy=policy, align=align)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tokprune.runtime.bench_models {model DIR | cat-schedule --model DIR --out FILE}``."""
+    """``python -m tokprune.bench.models {model DIR | cat-schedule --model DIR --out FILE}``."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m tokprune.runtime.bench_models", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tokprune.bench.models", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("model", help="write a bench model directory (usable as --model DIR)")
     m.add_argument("directory", type=Path)

@@ -1,4 +1,7 @@
-"""Benchmark reporting: fidelity metrics (PSNR, SSIM), the markdown tables and the PNG plot."""
+"""Benchmark reporting: markdown tables of the grid and of loop scenarios, the grid's PNG plot.
+
+Metrics live in :mod:`tokprune.bench.metrics`; this module only formats results.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
-__all__ = ["markdown", "plot", "psnr", "ssim"]
-
-
-def psnr(ref: torch.Tensor, x: torch.Tensor, data_range: float) -> float:
-    """Peak signal-to-noise ratio in dB (inf when identical)."""
-    mse = float(((ref.double() - x.double()) ** 2).mean())
-    if mse == 0.0:
-        return math.inf
-    return 10.0 * math.log10(data_range**2 / mse)
-
-
-def ssim(ref: torch.Tensor, x: torch.Tensor, data_range: float) -> float:
-    """Mean structural similarity of two (C, H, W) tensors (Gaussian window 11, sigma 1.5, valid region)."""
-    a, b = ref.double().unsqueeze(0), x.double().unsqueeze(0)  # (1, C, H, W)
-    c = a.shape[1]
-    size = min(11, a.shape[-1], a.shape[-2])
-    size -= 1 - size % 2  # odd
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * 1.5**2))
-    g = g / g.sum()
-    window = (g[:, None] * g[None, :]).expand(c, 1, size, size)  # (C, 1, k, k)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.conv2d(t, window, groups=c)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(s.mean())
+__all__ = ["loop_markdown", "markdown", "plot"]
 
 
 def _fmt(x: Any, spec: str = ".3f", none: str = "-") -> str:
@@ -142,3 +112,30 @@ def plot(result: Any, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def loop_markdown(result: dict[str, Any]) -> str:
+    """A loop scenario's result (:func:`tokprune.bench.scenarios.gpu_ready.run_scenario`) as markdown, rows last."""
+    g, sc, env = result["geometry"], result["scenario"], result["environment"]
+    lines = [
+        f"{env['device_name']}, {sc['arch']}, N={g['N']}, T={g['T']}, batch {g['batch']}, {sc['steps']} steps, {sc['dtype']}"
+        + (" (tiny: plumbing only, measures nothing)" if sc["arch"] == "tiny" else ""),
+        "",
+        "| backend | bucket | MAC ratio | ms | predicted | vs prediction |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for b in result["buckets"]:
+        lines.append(f"| {b['mode']} | {b['bucket']} | {b['mac_ratio']:.3f} | {b['ms']:.2f} | {b['predicted_ms']:.2f} | "
+                     f"{b['vs_prediction']:+.1%} |")
+    if "memory" in result:
+        m = result["memory"]
+        lines += ["", f"memory ({m['backend']}, {m['buckets']} buckets): one graph {m['one_graph_bytes'] / 2**30:.2f} GiB, "
+                      f"one session per bucket {m['one_session_per_bucket_bytes'] / 2**30:.2f} GiB"]
+    lines += [""] + [f"- {k}: {v}" for k, v in {**result["checks"], **result["errors"]}.items()]
+    lines += ["", "| mode | MAC fraction | loop | vs eager dense | peak GiB |", "| --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        ms = "failed" if r["loop_ms"] is None else f"{r['loop_ms']:.1f} ms"
+        speed = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        lines.append(f"| {r['mode']} | {r['mac_fraction']:.3f} | {ms} | {speed} | "
+                     f"{_fmt(r['peak_gib'], '.2f')} |")
+    return "\n".join(lines)

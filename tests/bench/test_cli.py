@@ -1,4 +1,4 @@
-"""``tokprune-generate`` and ``tokprune-bench`` end to end on an sd3-tiny export."""
+"""``tokprune-bench`` end to end on an sd3-tiny export; the fidelity metrics; the CAT reference schedule."""
 
 from __future__ import annotations
 
@@ -7,32 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from tokprune.runtime.bench_report import psnr, ssim
-from tokprune.runtime.bench_cli import main as bench_main
-from tokprune.runtime.cli import generate_main
 
-
-def test_generate_writes_the_image(pruned_export, tmp_path, capsys):
-    out = tmp_path / "a.png"
-    assert generate_main(["--engines", str(pruned_export), "--prompt", "a red circle", "--seed", "1", "--out", str(out),
-                          "--quiet"]) == 0
-    image = np.asarray(Image.open(out))
-    assert image.shape == (64, 64, 3) and image.std() > 0
-    assert "onnxruntime pruned (3 engine calls)" in capsys.readouterr().out
-
-
-def test_generate_refuses_other_steps_with_the_fix(pruned_export, tmp_path, capsys):
-    code = generate_main(["--engines", str(pruned_export), "--prompt", "x", "--steps", "7", "--out", str(tmp_path / "b.png"),
-                          "--quiet"])
-    err = capsys.readouterr().err
-    assert code == 2 and "--steps 7" in err and "pass --steps 4" in err and "tokprune-export --model sd3-tiny" in err
-    assert "num_inference_steps" not in err  # the CLI speaks its flags, not the Python API's keywords
-
-
-def test_generate_refuses_a_missing_export(tmp_path, capsys):
-    assert generate_main(["--engines", str(tmp_path / "none"), "--prompt", "x"]) == 1
-    assert "manifest.json does not exist" in capsys.readouterr().err
+from tokprune.bench.cli import main as bench_main
+from tokprune.bench.metrics import fidelity, latent_psnr, latent_ssim
 
 
 def test_bench_end_to_end(pruned_export, tmp_path, capsys):
@@ -76,14 +53,18 @@ def test_bench_end_to_end(pruned_export, tmp_path, capsys):
 def test_fidelity_metrics():
     torch.manual_seed(0)
     a = torch.rand(3, 32, 32)
-    assert psnr(a, a, 1.0) == float("inf") and ssim(a, a, 1.0) == pytest.approx(1.0)
-    noisy = a + 0.1 * torch.randn_like(a)
-    assert psnr(a, noisy, 1.0) == pytest.approx(20.0, abs=0.3)  # 10 log10(1 / 0.01)
-    assert 0.0 < ssim(a, noisy, 1.0) < ssim(a, a + 0.01 * torch.randn_like(a), 1.0) < 1.0
+    assert latent_psnr(a, a) == float("inf") and latent_ssim(a, a) == pytest.approx(1.0)
+    rng = float(a.max() - a.min())
+    noisy = a + 0.1 * rng * torch.randn_like(a)
+    assert latent_psnr(a, noisy) == pytest.approx(20.0, abs=0.3)  # 10 log10(range^2 / (0.1 range)^2)
+    assert 0.0 < latent_ssim(a, noisy) < latent_ssim(a, a + 0.01 * rng * torch.randn_like(a)) < 1.0
+    img = np.random.default_rng(0).random((32, 32, 3))
+    out = fidelity(img, np.clip(img + 0.1, 0, 1), a, a)
+    assert 15.0 < out["psnr_db"] < 25.0 and out["ssim"] < 1.0 and out["latent_psnr_db"] == float("inf")
 
 
 def test_cat_reference_schedule_for_the_bench():
-    from tokprune.runtime.bench_models import cat_reference_schedule
+    from tokprune.bench.models import cat_reference_schedule
 
     sched = cat_reference_schedule("sd3-tiny", budget=0.5, steps=7, max_sequence_length=16, align=16)
     assert sched.plan[:2] == ("k0256-t0093",) * 2 and len(set(sched.plan[2:])) == 1  # 2 dense, then one K
