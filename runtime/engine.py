@@ -476,14 +476,11 @@ def _rebuild_for(manifest: Any, call: Any) -> str:
     g = manifest.geometry
     scale = data["height"] // g.latent_hw[0]
     h, w = call.latent_hw[0] * scale, call.latent_hw[1] * scale
-    command = (
-        f"tokprune-export --model {data['model']['ref']} --height {h} --width {w} --steps {data['steps']} "
-        f"--guidance {data['guidance']:g} --budget {data['budget']:g}"
-    )
     built = _built_text_length(data)
-    if built is not None:
-        command += f" --max-sequence-length {built + call.text_tokens - g.text_tokens}"
-    return command
+    text = None if built is None else built + call.text_tokens - g.text_tokens
+    from tokprune.export.command import export_command
+
+    return export_command(data, height=h, width=w, max_sequence_length=text)
 
 
 # ---- entry points -------------------------------------------------------------------------------

@@ -35,11 +35,9 @@ def rebuild_command(manifest: Any) -> str:
     recorded = data.get("command")
     if isinstance(recorded, str) and recorded.strip():
         return recorded.strip()
-    model = data["model"]
-    return (
-        f"tokprune-export --model {model.get('ref') or model['name']} --height {data['height']} --width {data['width']} "
-        f"--steps {data['steps']} --budget {data['budget']:g} --out {manifest.directory} --force"
-    )
+    from tokprune.export.command import export_command
+
+    return export_command(data, out=manifest.directory, force=True)
 
 
 def verify_export(
@@ -158,6 +156,7 @@ def transformer_config(manifest: Any) -> dict[str, Any]:
 
 def check_fingerprint(manifest: Any, model_or_config: Any, what: str = "the model") -> None:
     """Refuse a transformer whose architecture fingerprint differs from the export's."""
+    from tokprune.export.command import export_command
     from tokprune.models import fingerprint
 
     got = fingerprint(model_or_config)
@@ -166,8 +165,7 @@ def check_fingerprint(manifest: Any, model_or_config: Any, what: str = "the mode
         raise ManifestError(
             f"{what} has architecture fingerprint {got}, but the engines in {manifest.directory} were exported from "
             f"{manifest.data['model']['name']!r} (fingerprint {want}). Use that model, or re-export for yours: "
-            f"tokprune-export --model YOUR_MODEL --height {manifest.data['height']} --width {manifest.data['width']} "
-            f"--steps {manifest.data['steps']} --budget {manifest.data['budget']:g}"
+            f"{export_command(manifest.data, model='YOUR_MODEL')}"
         )
 
 

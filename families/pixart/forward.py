@@ -53,7 +53,7 @@ from tokprune.families.pixart.geometry import PixArtGeometry
 from tokprune.pruning.forward import StepOutput, gather_rows, patchify, scatter_rows, unpatchify
 from tokprune.pruning.geometry import REUSE_MODES
 
-__all__ = ["MASK_BIAS", "mask_bias", "pruned_forward", "text_conditions", "text_mass"]
+__all__ = ["MASK_BIAS", "PromptStage", "mask_bias", "pruned_forward", "text_conditions", "text_mass"]
 
 #: diffusers' additive bias for a masked (padding) text token.
 MASK_BIAS = -10000.0
@@ -315,3 +315,21 @@ def pruned_forward(
     noise = unpatchify(tokens, g.grid, g.patch, g.out_channels)
     mass = None if mass_sum is None else mass_sum / g.num_layers
     return StepOutput(noise=noise, fresh=fresh, text_mass=mass)
+
+
+class PromptStage(torch.nn.Module):
+    """``forward(encoder_hidden_states, encoder_attention_mask) -> tuple`` of :func:`text_conditions`'s
+    tensors in :meth:`PixArtGeometry.text_specs` order: the per-run graph an export ships next to its
+    buckets when they take the text K/V as inputs (``geometry.text_kv_inputs``)."""
+
+    def __init__(self, model: torch.nn.Module, geometry: PixArtGeometry) -> None:
+        super().__init__()
+        self.model = model
+        self.geometry = geometry
+
+    def output_names(self) -> list[str]:
+        return list(self.geometry.text_specs())
+
+    def forward(self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = text_conditions(self.model, self.geometry, encoder_hidden_states, encoder_attention_mask)
+        return tuple(out[name] for name in self.output_names())

@@ -15,7 +15,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from tokprune.errors import ShapeError
 from tokprune.pruning.geometry import REUSE_MODES
@@ -48,8 +48,13 @@ class PixArtGeometry:
     cross_attention_dim: int  # width of the projected captions the cross-attention keys/values read
     additional_conditions: bool = False  # PixArt-α 1024: resolution / aspect-ratio embeddings (Σ: False)
     caption_projection: bool = True  # caption_channels set: a 2-layer MLP maps the captions to D first
+    #: Bucket text inputs: False = the prompt's embeddings + padding mask (each call recomputes the text
+    #: stage, as diffusers does); True = the per-prompt text K/V and mask bias (:meth:`text_specs`), computed
+    #: once per run by :func:`~tokprune.families.pixart.forward.text_conditions` (or its exported graph).
+    text_kv_inputs: bool = False
 
-    family: str = FAMILY_NAME
+    #: The model family (:mod:`tokprune.pruning.family`) this geometry belongs to.
+    family: ClassVar[str] = FAMILY_NAME
 
     # ---- derived -------------------------------------------------------------------
     @property
@@ -124,6 +129,12 @@ class PixArtGeometry:
             specs[f"text.{i}.v"] = kv
         return specs
 
+    def step_macs(self, keep: int, keep_text: int | None = None, reuse: str = "noise", *, probe: bool = False) -> int:
+        """MACs of one call as a bucket runs it (:func:`tokprune.families.pixart.macs.bucket_step_macs`)."""
+        from tokprune.families.pixart.macs import bucket_step_macs
+
+        return bucket_step_macs(self, keep, keep_text, reuse, probe=probe)
+
     def with_batch(self, batch: int) -> "PixArtGeometry":
         return replace(self, batch=int(batch))
 
@@ -147,15 +158,16 @@ class PixArtGeometry:
             "cross_attention_dim": self.cross_attention_dim,
             "additional_conditions": self.additional_conditions,
             "caption_projection": self.caption_projection,
+            "text_kv_inputs": self.text_kv_inputs,
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PixArtGeometry":
+    def from_dict(cls, d: Any) -> "PixArtGeometry":
         """Inverse of :meth:`to_dict`; refuses a dict of another family."""
         fam = d.get("family", FAMILY_NAME)
         if fam != FAMILY_NAME:
             raise ShapeError(f"geometry of family {fam!r} given to the {FAMILY_NAME!r} family; expected family={FAMILY_NAME!r}")
-        fields = {k: v for k, v in d.items() if k != "family"}
+        fields = {k: v for k, v in dict(d).items() if k != "family"}
         fields["latent_hw"] = tuple(int(v) for v in fields["latent_hw"])
         return cls(**fields)
 

@@ -32,7 +32,7 @@ from tokprune.families.pixart.geometry import PixArtGeometry
 from tokprune.pruning.geometry import REUSE_MODES
 from tokprune.pruning.plan import ALL, PrunePlan
 
-__all__ = ["dense_macs", "diffusers_dense_macs", "mac_fraction", "plan_macs", "prompt_macs", "step_macs",
+__all__ = ["bucket_step_macs", "dense_macs", "diffusers_dense_macs", "mac_fraction", "plan_macs", "prompt_macs", "step_macs",
            "text_mass_macs"]
 
 TIMESTEP_CHANNELS = 256  # sinusoid width of PixArt's timestep embedding
@@ -101,6 +101,17 @@ def step_macs(
         raise ConfigError("keep_text = 0; a transformer call keeps at least one text token (or ALL)")
     macs = geometry.batch * _call_macs(geometry, k, tk, reuse)
     return macs + (text_mass_macs(geometry, k, tk) if probe else 0)
+
+
+def bucket_step_macs(
+    geometry: PixArtGeometry, keep: int, keep_text: int | None = None, reuse: str = "noise", *, probe: bool = False
+) -> int:
+    """MACs of one call as an exported bucket runs it: :func:`step_macs`, plus the text stage when the bucket
+    takes the prompt's embeddings (``geometry.text_kv_inputs`` False) and so recomputes it every call."""
+    macs = step_macs(geometry, keep, keep_text, reuse, probe=probe)
+    if macs and not geometry.text_kv_inputs:
+        macs += prompt_macs(geometry)
+    return macs
 
 
 def dense_macs(geometry: PixArtGeometry) -> int:
