@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tokprune.calibrate.api import calibrate
     from tokprune.export.exporter import ExportConfig, export_model
     from tokprune.demo.report import grid, table
+    from tokprune.export.command import command_line
     from tokprune.models import call_defaults, load_pipeline
     from tokprune.yardstick.metrics import psnr
 
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.report.mkdir(parents=True, exist_ok=True)
     sched_path = args.report / "schedule.json"
     schedule.save(sched_path)
-    command = f"tokprune-export --model {args.model} --schedule {sched_path}"
+    command = command_line(["--model", args.model, "--schedule", str(sched_path)])
     export_model(ExportConfig(model=args.model, schedule_file=str(sched_path)), out,
                  force=args.force or _made_by_demo(out, command), progress=True, command=command)
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from tokprune.console import add_common, run_cli
+from tokprune.export.command import command_line
 
 logger = logging.getLogger("tokprune.export")
 RESUME_HINT = "re-run the same command to resume (finished buckets and calibration measurements are kept)"
@@ -38,6 +38,8 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
     p.add_argument("--steps", type=int, help="denoising steps (default 28)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.0; > 1 doubles the batch)")
+    p.add_argument("--max-sequence-length", type=int,
+                   help="T5 text tokens the engines are built for (static; default: the model's, else 256)")
     p.add_argument("--prompts", help="calibration prompts, one per line (default: the built-in set)")
     p.add_argument("--num-prompts", type=int, default=4, help="calibration prompts measured as whole runs (default 4)")
     p.add_argument("--max-buckets", type=int, default=4, help="static shapes, the dense one included (default 4)")
@@ -62,13 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         config = ExportConfig(
             model=args.model, budget=args.budget, height=args.height, width=args.width, steps=args.steps,
-            guidance=args.guidance, prompts_file=args.prompts, num_prompts=args.num_prompts,
+            guidance=args.guidance, max_sequence_length=args.max_sequence_length, prompts_file=args.prompts, num_prompts=args.num_prompts,
             max_buckets=args.max_buckets, policy=args.policy, allow_reuse=not args.no_reuse_steps,
             precision=args.precision, backend=args.backend,
             schedule_file=args.schedule,
         )
-        argv_list = list(sys.argv[1:] if argv is None else argv)
-        command = "tokprune-export " + " ".join(shlex.quote(a) for a in argv_list)
+        command = command_line(list(sys.argv[1:] if argv is None else argv))
         result = export_model(config, args.out, force=args.force, progress=not args.quiet, command=command)
         m = result.manifest
         if not result.up_to_date:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tokprune.errors import ConfigError
+from tokprune.export.command import export_command
 
 __all__ = ["BadRequest", "GenerateRequest", "Limits", "Problem", "parse_request"]
 
@@ -81,12 +82,11 @@ class Limits:
         data = manifest.data
         batch = int(manifest.geometry.batch)
         cfg = batch % 2 == 0 and float(data["guidance"]) > 1.0
-        ref = data["model"].get("ref") or data["model"]["name"]
         return cls(
             height=int(data["height"]), width=int(data["width"]), steps=int(data["steps"]),
             guidance=float(data["guidance"]), cfg=cfg, images_per_call=max(1, batch // 2 if cfg else batch),
             max_prompt_chars=int(max_prompt_chars),
-            rebuild=f"tokprune-export --model {ref} --budget {float(data['budget']):g}",
+            rebuild=export_command(data, height=None, width=None, steps=None, guidance=None, max_sequence_length=None),
         )
 
     def describe(self) -> dict[str, Any]:
