@@ -30,7 +30,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -52,11 +51,12 @@ from tokprune.export.manifest import (
     write_manifest,
 )
 from tokprune.export.onnx_export import OPSET, cast_for_export, export_bucket_onnx, finalize_onnx
-from tokprune.export.spec import PROBE_SUFFIX, Backend, BucketSpec, Precision, geometry_to_dict
+from tokprune.export.spec import EXPORT_BACKENDS, PROBE_SUFFIX, Backend, BucketSpec, Precision, geometry_to_dict
 from tokprune.export.weights import WEIGHTS_FILE, SharedWeights
 
 import tokprune
 from tokprune.errors import ConfigError, ScheduleError, ShapeError
+from tokprune.pruning.family import family_for
 from tokprune.fsutil import atomic_write_json, check_output_dir, replace_dir
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision.parse(self.precision))
-        object.__setattr__(self, "backend", Backend.parse(self.backend))
+        object.__setattr__(self, "backend", Backend.parse(self.backend, choices=EXPORT_BACKENDS))
         if self.budget is None and self.schedule_file is None:
             raise ConfigError("--budget is required (a fraction of dense MACs in (0, 1], e.g. --budget 0.5) unless --schedule is given")
         if self.budget is not None:
@@ -147,20 +147,9 @@ def partial_dir(out_dir: Path) -> Path:
 
 # ---- helpers ------------------------------------------------------------------------------------------
 def _versions() -> dict[str, Any]:
-    import diffusers
-    import onnx
-    import onnxruntime
-    from tokprune.export.tensorrt import tensorrt_version
+    from tokprune.environment import versions
 
-    return {
-        "tokprune": tokprune.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "tensorrt": tensorrt_version(),
-    }
+    return versions("diffusers", "onnx", "onnxruntime", "tensorrt")
 
 
 def _jsonable(value: Any) -> Any:
@@ -227,7 +216,7 @@ def export_model(
         if config.schedule_file is not None:
             from tokprune.models import fingerprint
 
-            schedule_in = _load_schedule_file(config, pipe, fingerprint(pipe.transformer))
+            schedule_in = _load_schedule_file(config, pipe, fingerprint(family_for(pipe).denoiser(pipe)))
         settings = _settle(config, pipe, schedule_in)
         out = outdir.resolve_out(out_dir) if out_dir is not None else default_out_dir(
             source.name, settings["height"], settings["width"], settings["steps"], settings["budget"]
@@ -290,31 +279,38 @@ def _load_schedule_file(config: ExportConfig, pipe: Any, fp: str):
     return sched
 
 
-def _settle(config: ExportConfig, pipe: Any, schedule: Any) -> dict[str, Any]:
-    """Height, width, steps, guidance, budget: flags, else the schedule's, else the model's call
-    defaults (``tokprune.models.call_defaults``), else the global defaults."""
-    from tokprune.models import call_defaults
-
-    model_defaults = call_defaults(pipe)
-    default_size = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+def call_settings(config: ExportConfig, pipe: Any, schedule: Any = None) -> Any:
+    """The export's :class:`~tokprune.pruning.family.CallSettings`, resolved once: a schedule's size, steps
+    and guidance, else the flags, else the model's call defaults, else the family's defaults."""
+    family = family_for(pipe)
     if schedule is not None:
-        return {"height": schedule.height, "width": schedule.width, "steps": schedule.steps,
-                "guidance": schedule.guidance, "budget": schedule.budget}
-    return {
-        "height": config.height or model_defaults.get("height", default_size),
-        "width": config.width or model_defaults.get("width", default_size),
-        "steps": config.steps or model_defaults.get("num_inference_steps", DEFAULT_STEPS),
-        "guidance": float(model_defaults.get("guidance_scale", DEFAULT_GUIDANCE) if config.guidance is None else config.guidance),
-        "budget": float(config.budget),
-    }
+        settings = family.settings(
+            pipe, height=schedule.height, width=schedule.width, steps=schedule.steps, guidance=schedule.guidance,
+            max_sequence_length=family.max_sequence_length_for(pipe, schedule.text_tokens),
+            precision=Precision.parse(config.precision).value,
+        )
+        if config.max_sequence_length is not None and config.max_sequence_length != settings.max_sequence_length:
+            raise ScheduleError(
+                f"--max-sequence-length {config.max_sequence_length}: the schedule was calibrated for "
+                f"{settings.max_sequence_length} ({schedule.text_tokens} text rows); drop the flag or recalibrate"
+            )
+        return settings
+    return family.settings(
+        pipe, height=config.height, width=config.width, steps=config.steps, guidance=config.guidance,
+        max_sequence_length=config.max_sequence_length, precision=Precision.parse(config.precision).value,
+        default_steps=DEFAULT_STEPS, default_guidance=DEFAULT_GUIDANCE,
+    )
 
 
-def _max_sequence_length(config: ExportConfig, pipe: Any) -> int:
-    from tokprune.models import call_defaults
+def _settle(config: ExportConfig, pipe: Any, schedule: Any) -> dict[str, Any]:
+    """Height, width, steps, guidance, budget (:func:`call_settings`; the budget: the schedule's, else the flag)."""
+    s = call_settings(config, pipe, schedule)
+    budget = schedule.budget if schedule is not None else float(config.budget)
+    return {"height": s.height, "width": s.width, "steps": s.steps, "guidance": s.guidance, "budget": budget}
 
-    if config.max_sequence_length is not None:
-        return int(config.max_sequence_length)
-    return int(call_defaults(pipe).get("max_sequence_length", 256))
+
+def _max_sequence_length(config: ExportConfig, pipe: Any, schedule: Any = None) -> int | None:
+    return call_settings(config, pipe, schedule).max_sequence_length
 
 
 def _identity(config: ExportConfig, source: Any, pipe: Any, settings: dict[str, Any], schedule: Any) -> dict[str, Any]:
@@ -326,7 +322,7 @@ def _identity(config: ExportConfig, source: Any, pipe: Any, settings: dict[str, 
         "tokprune": tokprune.__version__,
         "model": source.ref,
         "model_source": source.kind,
-        "fingerprint": fingerprint(pipe.transformer),
+        "fingerprint": fingerprint(family_for(pipe).denoiser(pipe)),
         **settings,
         "max_buckets": config.max_buckets,
         "policy": config.policy,
@@ -335,7 +331,7 @@ def _identity(config: ExportConfig, source: Any, pipe: Any, settings: dict[str, 
         "allow_reuse": config.allow_reuse,
         "schedule_sha256": schedule.content_hash if schedule is not None else None,
         "precision": config.precision.value,
-        "max_sequence_length": _max_sequence_length(config, pipe),
+        "max_sequence_length": _max_sequence_length(config, pipe, schedule),
         "opset": config.opset,
         "seed": config.seed,
     }
@@ -407,8 +403,9 @@ def _export_into(
     from tqdm.auto import tqdm
 
     schedule = _schedule_step(work, state, config, source, pipe, settings, schedule_in, progress=progress)
-    specs = bucket_specs(schedule, pipe.transformer.config, config.precision)
-    model = cast_for_export(pipe.transformer, config.precision)
+    denoiser = family_for(pipe).denoiser(pipe)
+    specs = bucket_specs(schedule, denoiser.config, config.precision)
+    model = cast_for_export(denoiser, config.precision)
     store = SharedWeights(work / WEIGHTS_FILE, state.get("weights"))
     exported, reused = [], []
     bar = tqdm(specs, desc="export buckets", unit="bucket", disable=not progress)
@@ -526,7 +523,7 @@ def _export_bucket(work: Path, spec: BucketSpec, model: torch.nn.Module, store: 
     """Trace, share weights, check (onnx.checker, TensorRT lint, ONNX Runtime vs PyTorch). Returns its state entry."""
     import onnx
     from tokprune.export.lint import lint_model
-    from tokprune.export.ort import check_equivalence
+    from tokprune.export.equivalence import check_equivalence
 
     t0 = time.perf_counter()
     raw = work / "raw" / spec.key / "model.onnx"
@@ -587,7 +584,7 @@ def _manifest(work, state, config, source, pipe, schedule, specs, store, model, 
                   "fingerprint": state["identity"]["fingerprint"]},
         # The full architecture, so a runtime can rebuild .config and check the fingerprint without the weights.
         "transformer_config": json.loads(json.dumps(
-            {k: v for k, v in dict(pipe.transformer.config).items() if not k.startswith("_")}, default=list)),
+            {k: v for k, v in dict(family_for(pipe).denoiser(pipe).config).items() if not k.startswith("_")}, default=list)),
         "height": schedule.height,
         "width": schedule.width,
         "steps": schedule.steps,

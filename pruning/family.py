@@ -215,6 +215,16 @@ class ModelFamily(abc.ABC):
     def text_tokens(self, pipe: Any, max_sequence_length: int | None) -> int:
         """Text rows the denoiser sees for a text-length setting."""
 
+    def max_sequence_length_for(self, pipe: Any, text_tokens: int) -> int | None:
+        """Inverse of :meth:`text_tokens`: the text-length setting giving ``text_tokens`` rows (None: no knob)."""
+        return None
+
+    def call_kwargs(self, pipe: Any, geometry: Any) -> dict[str, Any]:
+        """Pipeline-call keyword arguments (besides size, steps, guidance) that make the denoiser see
+        ``geometry``'s text length (SD3 / PixArt: ``max_sequence_length``)."""
+        msl = self.max_sequence_length_for(pipe, geometry.text_tokens)
+        return {} if msl is None else {"max_sequence_length": msl}
+
     def default_max_sequence_length(self, pipe: Any) -> int | None:
         """The text-length knob's default for this pipeline (None: the family has no knob)."""
         return None

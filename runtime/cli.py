@@ -97,9 +97,9 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
 def check_backend(backend: Any, device: str | None) -> None:
     """Refuse ``--backend tensorrt`` where it cannot run, saying why in one consistent order:
     TensorRT not installed, then no CUDA GPU, then ``--device cpu``."""
-    from tokprune.runtime.runners import RuntimeBackend
+    from tokprune.export.spec import Backend
 
-    if backend is not RuntimeBackend.TENSORRT:
+    if backend is not Backend.TENSORRT:
         if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailableError(f"--device {device}: no CUDA GPU is visible on this host; use --device cpu")
         return
@@ -152,7 +152,7 @@ def check_call(data: dict[str, Any], *, steps: int | None, height: int | None, w
 
 def _generate(args: argparse.Namespace) -> int:
     from tokprune.export.manifest import load_manifest
-    from tokprune.runtime.runners import RuntimeBackend
+    from tokprune.export.spec import RUNTIME_BACKENDS, Backend
     from tokprune.runtime.verify import rebuild_command
 
     from tokprune import runtime
@@ -160,7 +160,7 @@ def _generate(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, flag="--out", extensions=IMAGE_EXTENSIONS)  # before any work
     if not args.prompt.strip():
         raise ConfigError("--prompt is empty; pass the text to draw, e.g. --prompt \"a red circle\"")
-    backend = RuntimeBackend.parse(args.backend)
+    backend = Backend.parse(args.backend, choices=RUNTIME_BACKENDS)
     check_backend(backend, args.device)
     manifest = load_manifest(args.engines)
     steps, height, width, guidance = check_call(
@@ -182,7 +182,7 @@ def _generate(args: argparse.Namespace) -> int:
             width=width,
             num_inference_steps=steps,
             guidance_scale=guidance,
-            max_sequence_length=g.text_tokens - int(pipe.tokenizer.model_max_length),
+            **rt.family.call_kwargs(pipe, g),  # the text length the engines take
             generator=torch.Generator(device="cpu").manual_seed(args.seed),
         ).images[0]
     seconds = time.perf_counter() - t0

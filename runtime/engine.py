@@ -8,7 +8,7 @@ keep the step loop in sync with ``pipe.scheduler``.
 There is one step loop in tokprune: :class:`tokprune.pruning.sampler.TokenPruner` (plan walking,
 selection policy, text pruning, caches, previous prediction). The runtime reuses it with an
 :class:`EngineExecutor` — the executor runs one bucket call through a runner
-(:mod:`tokprune.runtime.runners`) and writes the fresh rows into the run's caches. Selection and
+(:mod:`tokprune.export.runners`) and writes the fresh rows into the run's caches. Selection and
 cache updates are torch ops on the run's device between engine calls: no host sync.
 
 Concurrency: engines (runners) are shared; run state is per view. Each pipeline gets its own
@@ -35,25 +35,26 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tokprune.export.spec import BucketSpec, bucket_key
+from tokprune.export.runners.base import Runner
+from tokprune.export.spec import RUNTIME_BACKENDS, Backend, BucketSpec, bucket_key
 from tokprune.pruning.forward import StepOutput, scatter_rows
 from tokprune.pruning.geometry import Geometry
 from tokprune.pruning.plan import PrunePlan
 from tokprune.pruning.sampler import RunState, StepInputs, TokenPruner, scheduler_steps
-from tokprune.runtime.runners import (
-    OnnxRuntimeRunner,
-    Runner,
-    RuntimeBackend,
-    TorchRunner,
+from tokprune.runtime.layout import (
+    LoadedEngines,
+    RunnerFactory,
+    build_runners,
+    check_cuda_graphs,
+    default_layout,
+    graph_for,
 )
 from tokprune.runtime.verify import (
     check_fingerprint,
-    load_reference_transformer,
     rebuild_command,
     transformer_config,
     verify_export,
@@ -78,45 +79,6 @@ class RuntimeBusyError(TokpruneError, RuntimeError):
     """A second generation started on a runtime view while another one is in flight."""
 
 
-# ---- shared engines -----------------------------------------------------------------------------
-@dataclass
-class LoadedEngines:
-    """What every view of one loaded export shares: manifest, specs, runners, lock."""
-
-    directory: Path
-    manifest: Any
-    backend: RuntimeBackend
-    device: torch.device
-    specs: dict[str, BucketSpec]
-    runners: dict[str, Runner]
-    config: dict[str, Any]
-    schedule: Any
-    plan: PrunePlan
-    policy: str
-    reuse: str
-    dense_key: str
-    probe_key: str | None = None  # the dense bucket's text_mass variant (schedules that prune text)
-    lock: threading.Lock = field(default_factory=threading.Lock)  # engine calls whose outputs alias buffers
-    closed: bool = False
-
-    @property
-    def geometry(self) -> Geometry:
-        return self.manifest.geometry
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.manifest.precision.torch_dtype
-
-    @property
-    def steps(self) -> int:
-        return int(self.manifest.data["steps"])
-
-    def close(self) -> None:
-        for runner in self.runners.values():
-            runner.deactivate()
-        self.closed = True
-
-
 # ---- the executor -------------------------------------------------------------------------------
 class EngineExecutor:
     """``(pruner, run_state, StepInputs) -> StepOutput`` through the bucket runners.
@@ -138,6 +100,14 @@ class EngineExecutor:
         self.engines = engines
         self.write_caches = write_caches
         self.timer: Any = None
+
+    @classmethod
+    def over(cls, runners: Mapping[str, Any], *, write_caches: bool = True) -> EngineExecutor:
+        """An executor over activated runners (bucket key -> runner) made without an export directory (benchmarks)."""
+        from types import SimpleNamespace
+
+        return cls(SimpleNamespace(runners=dict(runners), lock=threading.Lock(), manifest=None),  # type: ignore[arg-type]
+                   write_caches=write_caches)
 
     def __call__(self, pruner: TokenPruner, st: RunState, inputs: StepInputs) -> StepOutput:
         eng = self.engines
@@ -294,6 +264,11 @@ class EngineTransformer(torch.nn.Module):
 
     # ---- what the pipeline reads ------------------------------------------------------------
     @property
+    def family(self) -> Any:
+        """The model family of the exported denoiser (:class:`~tokprune.pruning.family.ModelFamily`)."""
+        return self._pruner.family
+
+    @property
     def dtype(self) -> torch.dtype:
         return self._engines.dtype
 
@@ -302,7 +277,7 @@ class EngineTransformer(torch.nn.Module):
         return self._engines.device
 
     @property
-    def backend(self) -> RuntimeBackend:
+    def backend(self) -> Backend:
         return self._engines.backend
 
     @property
@@ -486,7 +461,7 @@ def _rebuild_for(manifest: Any, call: Any) -> str:
 # ---- entry points -------------------------------------------------------------------------------
 def load(
     engine_dir: str | Path,
-    backend: RuntimeBackend | str = "onnxruntime",
+    backend: Backend | str = "onnxruntime",
     device: torch.device | str | None = None,
     *,
     pruned: bool = True,
@@ -496,6 +471,7 @@ def load(
     cuda_graphs: bool = False,
     layout: str | None = None,
     check_files: bool = True,
+    runner_factory: RunnerFactory | None = None,
 ) -> EngineTransformer:
     """Verify an export directory and return the transformer that runs its engines.
 
@@ -509,10 +485,13 @@ def load(
         model: the PyTorch transformer for ``backend="torch"`` (default: load the manifest's model).
         compile: ``torch.compile`` each bucket (``backend="torch"``).
         threads: ONNX Runtime intra-op threads. ``cuda_graphs``: replay a CUDA graph per bucket (torch and
-            tensorrt backends, CUDA only; :mod:`tokprune.runtime.cuda_graphs`).
+            tensorrt backends, CUDA only; :mod:`tokprune.export.runners.cuda_graphs`).
         layout: ``"single"`` (the export's one dynamic-K graph / engine, weights loaded once) or
             ``"per-bucket"`` (one static graph / engine per bucket); default: :func:`default_layout`.
         check_files: re-hash every file against the manifest (recommended; seconds for big exports).
+        runner_factory: ``factory(spec, manifest) -> Runner`` (inactive) for every bucket instead of the
+            backend's own runners (the public hook for a backend of your own: :mod:`tokprune.export.runners`);
+            ``backend`` still chooses what is verified.
 
     Raises :class:`ManifestError` (mismatched or corrupted export, wrong model),
     :class:`BackendUnavailableError` (backend or device missing), each saying what differs and the
@@ -523,13 +502,13 @@ def load(
         rt = tokprune.runtime.load("engines/sd3-tiny-64x64-s8-b0.5", backend="onnxruntime")
         pipe.transformer = rt; rt.bind_scheduler(pipe.scheduler)      # or tokprune.runtime.attach(pipe, rt)
     """
-    backend = RuntimeBackend.parse(backend)
+    backend = Backend.parse(backend, choices=RUNTIME_BACKENDS)
     if device is None:
-        device = "cuda" if backend is RuntimeBackend.TENSORRT else "cpu"
+        device = "cuda" if backend is Backend.TENSORRT else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError(f"device {device} requested but no CUDA GPU is visible; use device='cpu'")
-    if backend is RuntimeBackend.TENSORRT and device.type != "cuda":
+    if backend is Backend.TENSORRT and device.type != "cuda":
         raise BackendUnavailableError("the tensorrt backend runs on a CUDA device only; pass device='cuda'")
     manifest = verify_export(engine_dir, backend, check_files=check_files)
     specs = manifest.bucket_specs()
@@ -550,42 +529,11 @@ def load(
             )
     if model is not None:
         check_fingerprint(manifest, model, "the model passed to load()")
-    from tokprune.runtime.layout import check_cuda_graphs, default_layout, graph_for
-
     check_cuda_graphs(cuda_graphs, backend, device)
     layout = default_layout(manifest, backend, device) if layout is None else layout
     graph = graph_for(manifest, specs, layout, backend)
-    runners: dict[str, Runner] = {}
-    if backend is RuntimeBackend.TORCH:
-        ref = model if model is not None else load_reference_transformer(manifest, device, manifest.precision.torch_dtype)
-        ref = ref.eval().to(device)
-        for key, spec in specs.items():
-            runners[key] = TorchRunner(ref, spec, device=device, compile=compile, cuda_graphs=cuda_graphs)
-    elif backend is RuntimeBackend.ONNXRUNTIME:
-        from tokprune.runtime.runners import SharedOrtSession
-
-        shared = SharedOrtSession(manifest.graph_path()) if graph is not None else None
-        for key, spec in specs.items():
-            if graph is not None and key in graph.keys:  # the one dynamic graph, one session for all buckets
-                runners[key] = OnnxRuntimeRunner(manifest.graph_path(), spec, device=device, threads=threads,
-                                                 graph=graph, shared=shared)
-            else:
-                runners[key] = OnnxRuntimeRunner(manifest.onnx_path(key), spec, device=device, threads=threads)
-    else:
-        from tokprune.runtime.trt_runner import TrtEngineSet
-
-        paths = {key: manifest.engine_path(key) for key in specs}
-        single = manifest.single_engine() if graph is not None else None
-        engine_set = TrtEngineSet(paths, specs, device=device, cuda_graphs=cuda_graphs,
-                                  single=single, graph=graph)
-        runners = {key: engine_set.runner(key) for key in specs}
-    try:
-        for runner in runners.values():
-            runner.activate()
-    except BaseException:
-        for runner in runners.values():
-            runner.deactivate()
-        raise
+    runners = build_runners(manifest, specs, backend, device, graph=graph, model=model, compile=compile,
+                            threads=threads, cuda_graphs=cuda_graphs, runner_factory=runner_factory)
     engines = LoadedEngines(
         directory=Path(engine_dir),
         manifest=manifest,
@@ -609,7 +557,7 @@ def attach(
     pipe: Any,
     engines: EngineTransformer | str | Path,
     *,
-    backend: RuntimeBackend | str = "onnxruntime",
+    backend: Backend | str = "onnxruntime",
     device: torch.device | str | None = None,
     **load_kwargs: Any,
 ) -> EngineTransformer:
@@ -630,9 +578,10 @@ def attach(
             view = view.share()
     else:
         view = load(engines, backend=backend, device=device, **load_kwargs)
-    original = pipe.transformer
+    attr = view.family.denoiser_attr  # pipe.transformer, or pipe.unet for U-Net families
+    original = getattr(pipe, attr, None)
     if original is not None:
-        check_fingerprint(view.manifest, original, "the pipeline's transformer")
+        check_fingerprint(view.manifest, original, f"the pipeline's {attr}")
     recorded = view.manifest.data.get("scheduler", {}).get("class")
     if recorded and type(pipe.scheduler).__name__ != recorded:
         logger.warning(
@@ -642,16 +591,20 @@ def attach(
     view.bind_scheduler(pipe.scheduler)
     view.bind_pipeline(pipe)
     object.__setattr__(view, _ORIGINAL, original)  # plain attribute, not a registered submodule
-    pipe.transformer = view
+    setattr(pipe, attr, view)
     return view
 
 
 def detach(pipe: Any) -> None:
     """Undo :func:`attach`: ``pipe.transformer`` is the original module again (no-op if not attached)."""
-    current = getattr(pipe, "transformer", None)
+    from tokprune.pruning.family import all_families
+
+    attrs = sorted({f.denoiser_attr for f in all_families().values()})
+    attr = next((a for a in attrs if isinstance(getattr(pipe, a, None), EngineTransformer)), None)
+    current = None if attr is None else getattr(pipe, attr)
     if isinstance(current, EngineTransformer):
         original = current.__dict__.get(_ORIGINAL)
         current.bind_scheduler(None)
         current.bind_pipeline(None)
         current.__dict__.pop(_ORIGINAL, None)
-        pipe.transformer = original
+        setattr(pipe, attr, original)

@@ -54,6 +54,9 @@ class SD3Family(ModelFamily):
         clip = int(getattr(pipe, "tokenizer_max_length", 0) or pipe.tokenizer.model_max_length)
         return clip + int(256 if max_sequence_length is None else max_sequence_length)
 
+    def max_sequence_length_for(self, pipe: Any, text_tokens: int) -> int:
+        return int(text_tokens) - self.text_tokens(pipe, 0)
+
     def default_max_sequence_length(self, pipe: Any) -> int:
         return 256  # StableDiffusion3Pipeline.__call__'s default
 
