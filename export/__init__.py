@@ -8,7 +8,8 @@ Public API (imported lazily, so ``import tokprune.export`` stays light):
   what ``tokprune-export`` runs.
 - :func:`~tokprune.export.manifest.load_manifest` -> :class:`~tokprune.export.manifest.Manifest`,
   :func:`~tokprune.export.manifest.verify` -> list of problems: for the runtime.
-- :class:`~tokprune.export.ort.OrtBucketRunner`: one bucket in ONNX Runtime (``infer(feed) -> dict``).
+- :mod:`tokprune.export.runners`: one runner per backend (PyTorch, ONNX Runtime, TensorRT, polygraphy), one life
+  cycle; :func:`~tokprune.export.equivalence.check_equivalence`: ONNX Runtime vs PyTorch per bucket.
 - :func:`~tokprune.export.tensorrt.build_engines`: what ``tokprune-build DIR`` runs (GPU + TensorRT).
 - :func:`~tokprune.export.lint.lint_model`: TensorRT compatibility of an ONNX graph.
 
@@ -35,7 +36,7 @@ _EXPORTS = {
     "Manifest": "tokprune.export.manifest",
     "load_manifest": "tokprune.export.manifest",
     "verify": "tokprune.export.manifest",
-    "OrtBucketRunner": "tokprune.export.ort",
+    "check_equivalence": "tokprune.export.equivalence",
     "build_engines": "tokprune.export.tensorrt",
     "lint_model": "tokprune.export.lint",
 }

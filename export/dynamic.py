@@ -413,52 +413,6 @@ def _shape(tt: Any) -> tuple[Any, ...]:
     return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim)
 
 
-def check_graph_equivalence(
-    model: torch.nn.Module, graph: GraphSpec, onnx_path: str | Path, *, seed: int = 0, threads: int | None = 1
-) -> dict[str, Any]:
-    """Per bucket: ONNX Runtime (CPU) on the one graph at that bucket's shapes vs the PyTorch pruned
-    forward of the *bucket* (``BucketModule``, its own fast paths). Returns ``{key: report}``
-    shaped like :func:`tokprune.export.ort.check_equivalence`'s."""
-    import numpy as np
-    import onnxruntime as ort
-    from tokprune.export.onnx_export import BucketModule
-    from tokprune.export.ort import TOLERANCES
-
-    atol, rtol = TOLERANCES[graph.precision]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = int(threads)
-    base = {"backend": "onnxruntime", "provider": "CPUExecutionProvider", "reference": "torch pruned_forward of the bucket",
-            "precision": graph.precision.value, "seed": int(seed), "tolerance": {"atol": atol, "rtol": rtol}}
-    if graph.precision is Precision.BF16:
-        return {k: {**base, "status": "skipped", "reason": "numpy (ONNX Runtime's CPU feed) cannot hold bfloat16"}
-                for k in graph.keys}
-    reports = {}
-    try:
-        session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT's CPU provider lacks some fp16 kernels: as check_equivalence, skip, don't fail
-        if graph.precision is Precision.FP32:
-            raise
-        reason = f"ONNX Runtime's CPU provider cannot run this {graph.precision.value} graph: {str(exc).strip()[:200]}"
-        logger.warning("dynamic graph: equivalence not checked: %s", reason)
-        return {k: {**base, "status": "skipped", "reason": reason} for k in graph.keys}
-    for spec in graph.buckets:
-        full = graph.sample_inputs(spec, seed)
-        reference = BucketModule(model, spec).run({n: full[n] for n in spec.input_names()})
-        outs = session.run(graph.output_names(), {n: np.ascontiguousarray(x.numpy()) for n, x in full.items()})
-        got = dict(zip(graph.output_names(), outs))
-        max_abs, passed = {}, True
-        for name, ref in reference.items():
-            ref32 = ref.float()
-            diff = float((torch.from_numpy(np.asarray(got[name])).float() - ref32).abs().max()) if ref.numel() else 0.0
-            max_abs[name] = diff
-            passed &= diff <= atol + rtol * float(ref32.abs().max())
-        reports[spec.key] = {**base, "status": "passed" if passed else "failed", "max_abs": max_abs,
-                             "worst": max(max_abs.values()) if max_abs else 0.0}
-    return reports
-
-
 # ---- inside an export directory ------------------------------------------------------------------
 def export_graph_into(
     work: Path, specs: Sequence[BucketSpec], model: torch.nn.Module, store: Any, *, opset: int = 18, seed: int = 0
@@ -487,6 +441,8 @@ def export_graph_into(
     shutil.rmtree(raw.parent)
     onnx.checker.check_model(str(Path(work) / GRAPH_FILE))
     lint = [issue.to_dict() for issue in lint_model(Path(work) / GRAPH_FILE)]
+    from tokprune.export.equivalence import check_graph_equivalence
+
     equivalence = check_graph_equivalence(model, graph, Path(work) / GRAPH_FILE, seed=seed)
     failed = {k: r["worst"] for k, r in equivalence.items() if r["status"] == "failed"}
     if failed:

@@ -3,7 +3,8 @@
 Two verbs: :func:`attach` swaps ``pipe.transformer`` for the engines (and keeps the step loop in
 sync with ``pipe.scheduler``), :func:`detach` restores the original. :func:`load` verifies an
 export directory and returns the drop-in transformer. Backends (``onnxruntime``, ``tensorrt``,
-``torch``) are runners with one interface (:mod:`tokprune.runtime.runners`).
+``torch``) are runners of one family (:mod:`tokprune.export.runners`); ``load(..., runner_factory=...)``
+runs a runner of your own.
 
 Example::
 
@@ -17,6 +18,8 @@ Example::
     runtime.detach(pipe)
 """
 
+from tokprune.export.runners.base import Runner, RunnerStateError
+from tokprune.export.spec import Backend, FeedError
 from tokprune.runtime.engine import (
     EngineTransformer,
     RuntimeBusyError,
@@ -24,19 +27,13 @@ from tokprune.runtime.engine import (
     detach,
     load,
 )
-from tokprune.runtime.runners import (
-    Runner,
-    RunnerInputError,
-    RunnerStateError,
-    RuntimeBackend,
-)
 
 __all__ = [
+    "Backend",
     "EngineTransformer",
+    "FeedError",
     "Runner",
-    "RunnerInputError",
     "RunnerStateError",
-    "RuntimeBackend",
     "RuntimeBusyError",
     "attach",
     "detach",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokprune.runtime.runners import RuntimeBackend
+from tokprune.export.spec import Backend
 
 from tokprune.errors import BackendUnavailableError, ManifestError
 
@@ -42,7 +42,7 @@ def rebuild_command(manifest: Any) -> str:
 
 def verify_export(
     directory: str | Path,
-    backend: RuntimeBackend,
+    backend: Backend,
     *,
     check_files: bool = True,
     trt_version: Callable[[], str | None] | None = None,
@@ -72,7 +72,7 @@ def verify_export(
             )
     for note in version_notes(manifest, backend):
         logger.warning("%s: %s", directory, note)
-    if backend is RuntimeBackend.TENSORRT:
+    if backend is Backend.TENSORRT:
         from tokprune.export import tensorrt as trt_env
 
         version = (trt_version or trt_env.tensorrt_version)()
@@ -96,7 +96,7 @@ def _version_tuple(text: str | None) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def version_notes(manifest: Any, backend: RuntimeBackend) -> list[str]:
+def version_notes(manifest: Any, backend: Backend) -> list[str]:
     """Version differences between the export and this host that are allowed but worth a warning.
 
     Compatibility is decided by the schema version, the I/O tables and (TensorRT) the engine build
@@ -108,9 +108,9 @@ def version_notes(manifest: Any, backend: RuntimeBackend) -> list[str]:
     recorded = manifest.data.get("versions", {})
     notes = []
     checks = [("tokprune", "tokprune")]
-    if backend is RuntimeBackend.ONNXRUNTIME:
+    if backend is Backend.ONNXRUNTIME:
         checks.append(("onnxruntime", "onnxruntime"))
-    if backend is RuntimeBackend.TORCH:
+    if backend is Backend.TORCH:
         checks += [("torch", "torch"), ("diffusers", "diffusers")]
     for key, dist in checks:
         try:

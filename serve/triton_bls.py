@@ -21,14 +21,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tokprune.runtime.runners import Runner, RuntimeBackend
+from tokprune.export.runners.base import Runner
 
 from tokprune.errors import BackendUnavailableError
 
@@ -36,13 +35,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TritonBucketRunner", "TritonPythonModel", "load_with_runners"]
 
-_LOAD_LOCK = threading.Lock()
-
-
 class TritonBucketRunner(Runner):
     """A bucket runner whose ``infer`` is a BLS request to the bucket's Triton model."""
 
-    backend = RuntimeBackend.ONNXRUNTIME  # what the bucket model runs by default (or a TensorRT plan)
+    backend = "triton"  # the bucket model runs ONNX Runtime by default (or a TensorRT plan), inside Triton
     aliases_outputs = False
 
     def __init__(self, spec: Any, model_name: str, pb_utils: Any) -> None:
@@ -51,13 +47,13 @@ class TritonBucketRunner(Runner):
         self.pb = pb_utils
         self.calls = 0
 
-    def _activate(self) -> None:
+    def activate_impl(self) -> None:
         return None
 
-    def _deactivate(self) -> None:
+    def deactivate_impl(self) -> None:
         return None
 
-    def _infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def infer_impl(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         pb = self.pb
         inputs = [pb.Tensor(name, np.ascontiguousarray(t.detach().cpu().numpy())) for name, t in feed.items()]
         wanted = [t.name for t in self.outputs]
@@ -75,26 +71,13 @@ class TritonBucketRunner(Runner):
 
 
 def load_with_runners(directory: str | Path, make_runner: Callable[[Any], Runner]) -> Any:
-    """:func:`tokprune.runtime.load` on a copied manifest, with ``make_runner(spec)`` as every bucket's runner.
-
-    ``load`` has no runner hook yet: for the duration of the call its ONNX Runtime runner class is
-    replaced by a factory (under a lock). File hashes are not re-checked (the bucket files live in
-    the Triton models, verified by ``tokprune-triton`` when it wrote them).
-    """
-    from tokprune.runtime import engine as engine_module
-
+    """:func:`tokprune.runtime.load` with ``make_runner(spec)`` as every bucket's runner (its public
+    ``runner_factory`` hook). File hashes are not re-checked (the bucket files live in the Triton
+    models, verified by ``tokprune-triton`` when it wrote them)."""
     from tokprune import runtime
 
-    def factory(path: Any, spec: Any, **_: Any) -> Runner:
-        return make_runner(spec)
-
-    with _LOAD_LOCK:
-        original = engine_module.OnnxRuntimeRunner
-        engine_module.OnnxRuntimeRunner = factory  # type: ignore[assignment]
-        try:
-            return runtime.load(directory, backend="onnxruntime", check_files=False)
-        finally:
-            engine_module.OnnxRuntimeRunner = original  # type: ignore[assignment]
+    return runtime.load(directory, backend="onnxruntime", check_files=False,
+                        runner_factory=lambda spec, manifest: make_runner(spec))
 
 
 def _scalar(pb: Any, request: Any, name: str) -> Any:

@@ -5,8 +5,8 @@ needed to enqueue its kernels. A CUDA graph enqueues a whole bucket call with on
 :class:`BucketGraphs` wraps one bucket's pure function (``BucketModule``: ``pruned_forward`` with
 ``inplace=False``) and keeps, per bucket:
 
-- **static inputs**: one persistent buffer per small input (``latent``, ``encoder_hidden_states``,
-  ``pooled_projections``, ``timestep``, ``img_idx``, ``txt_idx``, ``prev_noise``); each step copies
+- **static inputs**: one persistent buffer per input that is not a cache (``latent``, the
+  conditioning inputs, ``timestep``, ``img_idx``, ``txt_idx``, ``prev_noise``); each step copies
   the feed into them (device-to-device, no host sync) and replays;
 - **caches bound by address**: the per-block K/V caches are large (1.2 GB at SD3-medium 1024² bf16),
   so they are not copied; the graph reads the run's own cache tensors. The runtime pools them per
@@ -51,12 +51,10 @@ from tokprune.errors import BackendUnavailableError, ShapeError, TokpruneError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OPTION", "STAGED_INPUTS", "BucketGraphs", "CudaGraphError", "TorchCudaBackend", "require_cuda"]
+__all__ = ["OPTION", "BucketGraphs", "CudaGraphError", "TorchCudaBackend", "require_cuda"]
 
 #: How the option is spelled for users, in every message.
 OPTION = "cuda_graphs=True (tokprune.runtime.load)"
-#: Inputs copied into static buffers before each replay; everything else (the caches) is bound by address.
-STAGED_INPUTS = ("latent", "encoder_hidden_states", "pooled_projections", "timestep", "img_idx", "txt_idx", "prev_noise")
 
 
 class CudaGraphError(TokpruneError, RuntimeError):
@@ -158,8 +156,8 @@ class BucketGraphs:
         self.backend = backend
         self.max_graphs = int(max_graphs)
         self.warmup = int(warmup)
-        self.staged = [t.name for t in self.inputs if t.name in STAGED_INPUTS]
-        self.bound = [t.name for t in self.inputs if t.name not in STAGED_INPUTS]
+        self.staged = [t.name for t in self.inputs if t.cache is None]  # small inputs: copied in before each replay
+        self.bound = [t.name for t in self.inputs if t.cache is not None]  # the caches: bound by address
         self._graphs: OrderedDict[tuple[int, ...], _Captured] = OrderedDict()
         self.captures = 0
 

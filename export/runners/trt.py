@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokprune.export.spec import INPUT, OUTPUT, BucketSpec, TensorSpec
-from tokprune.runtime.runners import Runner, RuntimeBackend
+from tokprune.export.runners.base import Runner
+from tokprune.export.spec import INPUT, OUTPUT, Backend, BucketSpec, TensorSpec
 
 from tokprune.errors import BackendUnavailableError, ManifestError
 
@@ -52,12 +52,11 @@ __all__ = [
     "TrtEngineSet",
     "TrtRunner",
     "buffer_plan",
-    "check_graph_engine_io",
+    "check_engine_io",
     "require_tensorrt_runtime",
 ]
 
 ALIGN = 256  # bytes; TensorRT requires 256-byte aligned I/O addresses for some formats
-_STAGED_INPUTS = ("latent", "encoder_hidden_states", "pooled_projections", "timestep", "img_idx", "txt_idx", "prev_noise")
 _ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
 
 
@@ -113,7 +112,7 @@ def buffer_plan(specs: Mapping[str, BucketSpec], *, stage_inputs: bool = False, 
     for key, spec in specs.items():
         offset = 0
         for t in spec.io():
-            staged = stage_inputs and t.role == INPUT and t.name in _STAGED_INPUTS
+            staged = stage_inputs and t.role == INPUT and t.cache is None
             if t.role != OUTPUT and not staged:
                 continue
             offset = -(-offset // align) * align
@@ -148,38 +147,22 @@ def _trt_dtype_name(trt: Any, dtype: Any) -> str:
     return table.get(dtype, str(dtype))
 
 
-def check_engine_io(engine: Any, spec: BucketSpec, trt: Any, path: Path) -> None:
-    """Refuse an engine whose I/O tensors (name, mode, dtype) differ from the bucket's I/O table."""
-    got = {}
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        mode = engine.get_tensor_mode(name)
-        role = INPUT if mode == trt.TensorIOMode.INPUT else OUTPUT
-        got[name] = (role, _trt_dtype_name(trt, engine.get_tensor_dtype(name)))
-    want = {t.name: (t.role, t.dtype) for t in spec.io()}
-    if got != want:
-        diff = sorted(set(got.items()) ^ set(want.items()))
-        raise ManifestError(
-            f"engine {path} does not match bucket {spec.key}'s I/O table (differences: {diff}); rebuild it: "
-            f"tokprune-build {path.parent.parent} --rebuild"
-        )
-
-
-def check_graph_engine_io(engine: Any, graph: Any, trt: Any, path: Path) -> None:
-    """Refuse a single engine whose I/O tensors (name, mode, dtype) differ from the dynamic graph's."""
+def check_engine_io(engine: Any, io: Any, trt: Any, path: Path, *, what: str, profiles: int | None = None) -> None:
+    """Refuse an engine whose I/O tensors (name, mode, dtype) differ from ``io`` (an I/O table), or
+    whose optimisation profile count is not ``profiles``. ``what`` names the table in the message."""
     got = {}
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         role = INPUT if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else OUTPUT
         got[name] = (role, _trt_dtype_name(trt, engine.get_tensor_dtype(name)))
-    want = {t.name: (t.role, t.dtype) for t in graph.io()}
+    want = {t.name: (t.role, t.dtype) for t in io}
+    problem = None
     if got != want:
-        diff = sorted(set(got.items()) ^ set(want.items()))
-        raise ManifestError(f"engine {path} does not match the dynamic graph's I/O table (differences: {diff}); "
-                            f"rebuild it: tokprune-build {path.parent.parent} --rebuild")
-    if engine.num_optimization_profiles != len(graph.keys):
-        raise ManifestError(f"engine {path} has {engine.num_optimization_profiles} optimisation profiles, the export "
-                            f"has {len(graph.keys)} buckets; rebuild it: tokprune-build {path.parent.parent} --rebuild")
+        problem = f"does not match {what}'s I/O table (differences: {sorted(set(got.items()) ^ set(want.items()))})"
+    elif profiles is not None and engine.num_optimization_profiles != profiles:
+        problem = f"has {engine.num_optimization_profiles} optimisation profiles, the export has {profiles} buckets"
+    if problem:
+        raise ManifestError(f"engine {path} {problem}; rebuild it: tokprune-build {path.parent.parent} --rebuild")
 
 
 # ---- the engine set ------------------------------------------------------------------------------
@@ -263,9 +246,10 @@ class TrtEngineSet:
                     loaded[path] = engine
                 profile = self.profiles.get(key, 0)
                 if key in self.profiles:
-                    check_graph_engine_io(engine, self.graph, trt, path)
+                    check_engine_io(engine, self.graph.io(), trt, path, what="the dynamic graph",
+                                    profiles=len(self.graph.keys))
                 else:
-                    check_engine_io(engine, self.specs[key], trt, path)
+                    check_engine_io(engine, self.specs[key].io(), trt, path, what=f"bucket {key}")
                 context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
                 if engine.num_optimization_profiles > 1:
                     context.set_optimization_profile_async(profile, torch.cuda.current_stream(self.device).cuda_stream)
@@ -304,7 +288,7 @@ class TrtEngineSet:
 class TrtRunner(Runner):
     """One bucket engine of a :class:`TrtEngineSet`; outputs are views of the shared arena."""
 
-    backend = RuntimeBackend.TENSORRT
+    backend = Backend.TENSORRT
     aliases_outputs = True
 
     def __init__(self, engines: TrtEngineSet, spec: BucketSpec, *, device: torch.device | str = "cuda") -> None:
@@ -314,7 +298,7 @@ class TrtRunner(Runner):
         self._views: dict[str, torch.Tensor] = {}
         self._graphs: dict[tuple[int, ...], Any] = {}
 
-    def _activate(self) -> None:
+    def activate_impl(self) -> None:
         self.engines.acquire()
         key = self.spec.key
         self._views = self.engines.plan.views(self.engines.arena, key)
@@ -326,13 +310,13 @@ class TrtRunner(Runner):
             for name, x in self._stand_ins.items():
                 context.set_tensor_address(name, x.data_ptr())
 
-    def _deactivate(self) -> None:
+    def deactivate_impl(self) -> None:
         self._views = {}
         self._stand_ins = {}
         self._graphs.clear()
         self.engines.release()
 
-    def _infer(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def infer_impl(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         eng = self.engines
         context = eng.contexts[self.spec.key]
         stream = eng.stream

@@ -35,7 +35,7 @@ def rss_mib() -> float:
 
 
 def measure(a, layout: str, specs, graph) -> dict:
-    from tokprune.runtime.runners import OnnxRuntimeRunner, SharedOrtSession
+    from tokprune.export.runners.ort import OnnxRuntimeRunner, SharedOrtSession
 
     before = rss_mib()
     shared = SharedOrtSession(a.out / "graph.onnx")

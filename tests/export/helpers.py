@@ -29,12 +29,12 @@ class OrtSampler:
 
     def __init__(self, directory: Path, *, policy: str = "random", seed: int = 0) -> None:
         from tokprune.export.manifest import load_manifest
-        from tokprune.export.ort import OrtBucketRunner
+        from tokprune.export.runners import OnnxRuntimeRunner
         from tokprune.pruning.policies import make_policy
 
         self.manifest = load_manifest(directory)
         self.specs = self.manifest.bucket_specs()
-        self.runners = {k: OrtBucketRunner(self.manifest.onnx_path(k), s).activate() for k, s in self.specs.items()}
+        self.runners = {k: OnnxRuntimeRunner(self.manifest.onnx_path(k), s).activate() for k, s in self.specs.items()}
         self.steps = self.manifest.step_buckets
         self.policy = make_policy(policy, seed=seed)
         self.calls: list[str | None] = []

@@ -13,10 +13,10 @@ from tokprune.export.dynamic import (
     KEEP_DIM,
     TEXT_DIM,
     GraphSpec,
-    check_graph_equivalence,
     export_graph_onnx,
     finalize_graph_onnx,
 )
+from tokprune.export.equivalence import check_graph_equivalence
 from tokprune.export.onnx_export import BucketModule
 from tokprune.export.spec import BucketSpec, Precision
 from tokprune.pruning.geometry import Geometry

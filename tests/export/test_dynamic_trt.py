@@ -14,9 +14,9 @@ import torch
 from tokprune.export import tensorrt as trt
 from tokprune.export.dynamic import GraphSpec
 from tokprune.export.manifest import MANIFEST_SCHEMA, load_manifest, verify
+from tokprune.export.runners.trt import TrtEngineSet
+from tokprune.export.spec import Backend
 from tokprune.runtime.layout import default_layout, graph_for
-from tokprune.runtime.runners import RuntimeBackend
-from tokprune.runtime.trt_runner import TrtEngineSet
 
 from tests.export.test_tensorrt import fake_gpu_host  # noqa: F401 - the fixture
 from tokprune.errors import ConfigError, ManifestError
@@ -79,10 +79,10 @@ def test_layout_choice_and_refusals(built, export_dense, tmp_path, fake_gpu_host
     directory, _, _ = built
     m = load_manifest(directory)
     cuda = torch.device("cuda")
-    assert default_layout(m, RuntimeBackend.TENSORRT, cuda) == "single"
-    assert default_layout(m, RuntimeBackend.ONNXRUNTIME, cuda) == "single"
-    assert default_layout(m, RuntimeBackend.ONNXRUNTIME, torch.device("cpu")) == "per-bucket"
-    assert graph_for(m, m.bucket_specs(), "single", RuntimeBackend.TENSORRT).keys == list(m.single_engine()[1])
+    assert default_layout(m, Backend.TENSORRT, cuda) == "single"
+    assert default_layout(m, Backend.ONNXRUNTIME, cuda) == "single"
+    assert default_layout(m, Backend.ONNXRUNTIME, torch.device("cpu")) == "per-bucket"
+    assert graph_for(m, m.bucket_specs(), "single", Backend.TENSORRT).keys == list(m.single_engine()[1])
     with pytest.raises(ConfigError, match="layout 'fused' is not one of"):
         trt.build_engines(directory, progress=False, rebuild=True, layout="fused")
     dense = tmp_path / "dense"
@@ -92,7 +92,7 @@ def test_layout_choice_and_refusals(built, export_dense, tmp_path, fake_gpu_host
     trt.build_engines(dense, progress=False, layout="per-bucket")
     md = load_manifest(dense)
     with pytest.raises(ManifestError, match="no single dynamic graph"):
-        graph_for(md, md.bucket_specs(), "single", RuntimeBackend.TENSORRT)
+        graph_for(md, md.bucket_specs(), "single", Backend.TENSORRT)
 
 
 def test_engine_set_maps_every_graph_bucket_to_the_one_engine(built):

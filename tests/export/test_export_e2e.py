@@ -13,7 +13,7 @@ import onnx
 import torch
 from tokprune.export.manifest import MANIFEST_SCHEMA, load_manifest, verify
 from tokprune.export.onnx_export import BucketModule
-from tokprune.export.ort import OrtBucketRunner
+from tokprune.export.runners import OnnxRuntimeRunner
 
 from tests.export.helpers import PROMPT, OrtSampler, run_export
 from tokprune.models import build_tiny_pipeline
@@ -96,7 +96,7 @@ def test_every_bucket_matches_pytorch_in_onnxruntime(export_half):
         assert recorded["status"] == "passed" and recorded["worst"] <= 1e-4
         feed = spec.sample_inputs(seed=123)  # another feed than the export-time check
         expected = BucketModule(transformer, spec).run(feed)
-        with OrtBucketRunner(m.onnx_path(key), spec) as runner:
+        with OnnxRuntimeRunner(m.onnx_path(key), spec) as runner:
             got = runner.infer(feed)
         assert list(got) == spec.output_names()
         for name in expected:

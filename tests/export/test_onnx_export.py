@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 from tokprune.export.onnx_export import export_bucket_onnx, finalize_onnx
-from tokprune.export.ort import check_equivalence
+from tokprune.export.equivalence import check_equivalence
 from tokprune.export.spec import BucketSpec
 from tokprune.pruning.geometry import Geometry
 

@@ -117,8 +117,8 @@ def test_check_feed_names_every_problem():
     with pytest.raises(ShapeError) as err:
         spec.check_feed(feed)
     msg = str(err.value)
-    assert "missing input 'prev_noise'" in msg and "unexpected input 'extra'" in msg
-    assert "img_idx: dtype int32, expected int64" in msg
+    assert "prev_noise: missing, expected shape (2, 16, 32, 32) float32" in msg and "extra: unexpected input" in msg
+    assert "img_idx: got shape (2, 64) int32 on cpu, expected shape (2, 64) int64" in msg
 
 
 def test_io_round_trips_through_dicts_and_sizes_buffers():

@@ -13,8 +13,8 @@ import pytest
 import torch
 from tokprune.export.spec import BucketSpec
 from tokprune.pruning.geometry import Geometry
-from tokprune.runtime.cuda_graphs import BucketGraphs, CudaGraphError, require_cuda
-from tokprune.runtime.runners import TorchRunner
+from tokprune.export.runners.cuda_graphs import BucketGraphs, CudaGraphError, require_cuda
+from tokprune.export.runners import TorchRunner
 
 from tokprune.errors import BackendUnavailableError, ShapeError
 from tokprune.models import build_tiny_transformer

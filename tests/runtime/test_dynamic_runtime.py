@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tokprune.runtime.runners import SharedOrtSession
+from tokprune.export.runners import SharedOrtSession
 
 from tests.runtime.conftest import clone_pipe, generate
 from tokprune import pruning, runtime
@@ -78,7 +78,7 @@ def test_cuda_graph_option_refusals(pruned_export):
 def test_a_static_file_passed_as_the_graph_is_refused(pruned_export):
     from tokprune.export.dynamic import GraphSpec
     from tokprune.export.manifest import load_manifest
-    from tokprune.runtime.runners import OnnxRuntimeRunner
+    from tokprune.export.runners import OnnxRuntimeRunner
 
     from tokprune.errors import ShapeError
 

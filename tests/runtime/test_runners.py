@@ -1,26 +1,21 @@
-"""Runners: one life cycle and one checked ``infer`` for every backend; the TensorRT buffer plan."""
+"""The runner family (tokprune.export.runners): one life cycle, one feed check, timing, metadata, the
+extension hook (runtime.load(runner_factory=...)), polygraphy's ONNX Runtime runner; the TensorRT buffer plan."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from tokprune.export.manifest import load_manifest
-from tokprune.runtime.runners import (
-    OnnxRuntimeRunner,
-    RunnerInputError,
-    RunnerStateError,
-    RuntimeBackend,
-    TorchRunner,
-    check_feed,
-)
-from tokprune.runtime.trt_runner import (
+from tokprune.export.runners import OnnxRuntimeRunner, PolygraphyRunner, Runner, RunnerStateError, TorchRunner
+from tokprune.export.spec import EXPORT_BACKENDS, RUNTIME_BACKENDS, Backend, FeedError
+from tokprune.export.runners.trt import (
     ALIGN,
     TrtEngineSet,
     buffer_plan,
     require_tensorrt_runtime,
 )
 
-from tokprune.errors import BackendUnavailableError
+from tokprune.errors import BackendUnavailableError, ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +28,18 @@ def pruned_spec(manifest):
     return manifest.bucket_specs()["k0064-t0080"]
 
 
-def test_backend_names():
-    assert RuntimeBackend.parse("ORT") is RuntimeBackend.ONNXRUNTIME
-    assert RuntimeBackend.parse("trt") is RuntimeBackend.TENSORRT
-    with pytest.raises(ValueError, match=r"backend 'tvm' is not one of .*--backend onnxruntime\|tensorrt\|torch"):
-        RuntimeBackend.parse("tvm")
+def test_one_backend_enum_for_export_and_runtime():
+    assert Backend.parse("ORT", choices=RUNTIME_BACKENDS) is Backend.ONNXRUNTIME
+    assert Backend.parse("trt", choices=RUNTIME_BACKENDS) is Backend.TENSORRT
+    assert Backend.parse("eager", choices=RUNTIME_BACKENDS) is Backend.TORCH
+    assert Backend.parse("onnx", choices=EXPORT_BACKENDS) is Backend.ONNX is Backend.ONNXRUNTIME
+    assert Backend.parse("auto", choices=EXPORT_BACKENDS) is Backend.AUTO
+    with pytest.raises(ConfigError, match=r"backend 'tvm' is not one of .*--backend onnxruntime\|tensorrt\|torch"):
+        Backend.parse("tvm", choices=RUNTIME_BACKENDS)
+    with pytest.raises(ConfigError, match=r"backend 'auto' is not one of .*--backend onnxruntime\|tensorrt\|torch"):
+        Backend.parse("auto", choices=RUNTIME_BACKENDS)  # AUTO is an export choice only
+    with pytest.raises(ConfigError, match=r"backend 'torch' is not one of .*--backend auto\|onnx\|tensorrt"):
+        Backend.parse("torch", choices=EXPORT_BACKENDS)
 
 
 def test_onnxruntime_and_torch_runners_agree(manifest, pruned_spec, tiny_pipe):
@@ -70,7 +72,7 @@ def test_feed_is_checked_against_the_io_table(manifest, pruned_spec):
     del feed["cache.blocks.0.k"]
     feed["extra"] = torch.zeros(1)
     with OnnxRuntimeRunner(manifest.onnx_path(pruned_spec.key), pruned_spec) as runner:
-        with pytest.raises(RunnerInputError) as info:
+        with pytest.raises(FeedError) as info:
             runner.infer(feed)
     text = str(info.value)
     assert "img_idx: got shape (2, 32) int64 on cpu, expected shape (2, 64) int64" in text
@@ -79,13 +81,12 @@ def test_feed_is_checked_against_the_io_table(manifest, pruned_spec):
     assert "extra: unexpected input" in text
 
 
-def test_check_feed_names_the_device():
-    from tokprune.export.spec import INPUT, TensorSpec
-
-    spec = [TensorSpec("latent", (1, 2), "float32", INPUT)]
-    check_feed("k", spec, {"latent": torch.zeros(1, 2)}, device=torch.device("cpu"))
-    with pytest.raises(RunnerInputError, match=r"latent: got shape \(1, 2\) float32 on cpu, expected shape \(1, 2\) float32 on cuda"):
-        check_feed("k", spec, {"latent": torch.zeros(1, 2)}, device=torch.device("cuda"))
+def test_check_feed_names_the_device(pruned_spec):
+    feed = pruned_spec.sample_inputs()
+    pruned_spec.check_feed(feed, device=torch.device("cpu"))
+    with pytest.raises(FeedError, match=r"latent: got shape \(2, 16, 32, 32\) float32 on cpu, expected shape "
+                                        r"\(2, 16, 32, 32\) float32 on cuda"):
+        pruned_spec.check_feed(feed, device=torch.device("cuda"))
 
 
 def test_missing_onnx_file_is_refused(tmp_path, pruned_spec):

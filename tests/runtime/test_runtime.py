@@ -170,10 +170,10 @@ def test_mismatched_manifest_is_refused(pruned_export, tmp_path):
 
 def test_tensorrt_engine_environment_mismatch(pruned_export, tmp_path):
     from tokprune.runtime.engine import verify_export
-    from tokprune.runtime.runners import RuntimeBackend
+    from tokprune.export.spec import Backend
 
     with pytest.raises(ManifestError, match=r"no TensorRT engines were built.*tokprune-build"):
-        verify_export(pruned_export, RuntimeBackend.TENSORRT, trt_version=lambda: "10.9.0",
+        verify_export(pruned_export, Backend.TENSORRT, trt_version=lambda: "10.9.0",
                       gpu=lambda: {"name": "H100", "compute_capability": "9.0", "cuda": "12.8"})
     d = _copy(pruned_export, tmp_path)
     manifest = json.loads((d / "manifest.json").read_text())
@@ -182,8 +182,8 @@ def test_tensorrt_engine_environment_mismatch(pruned_export, tmp_path):
     (d / "manifest.json").write_text(json.dumps(manifest))
     gpu = {"name": "NVIDIA H100", "compute_capability": "9.0", "cuda": "12.8"}
     with pytest.raises(ManifestError, match=r"TensorRT 10.13.0 here, engines built with 10.9.0.*sm 9.0.*sm 8.0.*tokprune-build"):
-        verify_export(d, RuntimeBackend.TENSORRT, check_files=False, trt_version=lambda: "10.13.0", gpu=lambda: gpu)
-    verify_export(d, RuntimeBackend.TENSORRT, check_files=False, trt_version=lambda: "10.9.1",
+        verify_export(d, Backend.TENSORRT, check_files=False, trt_version=lambda: "10.13.0", gpu=lambda: gpu)
+    verify_export(d, Backend.TENSORRT, check_files=False, trt_version=lambda: "10.9.1",
                   gpu=lambda: {**gpu, "name": "NVIDIA A100", "compute_capability": "8.0"})  # same env: accepted
 
 
