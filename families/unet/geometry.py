@@ -100,6 +100,13 @@ class UNetGeometry:
             out["time_ids"] = ((self.batch, self.time_ids), "float")
         return out
 
+    def step_macs(self, keep: int, keep_text: int | None = None, reuse: str = "noise", probe: bool = False,
+                  cached: bool = False) -> int:  # fmt: skip
+        """MACs of one step (:func:`tokprune.families.unet.macs.step_macs`)."""
+        from tokprune.families.unet.macs import step_macs
+
+        return step_macs(self, keep, keep_text, reuse, cached=cached, probe=probe)
+
     def with_batch(self, batch: int) -> "UNetGeometry":
         return replace(self, batch=batch)
 

@@ -45,7 +45,9 @@ class UNetPruner(TokenPruner):
     def __init__(self, unet: torch.nn.Module, plan: PrunePlan, *, cache_depth: int = 1, policy: Any = "dynamics",
                  **kwargs: Any) -> None:  # fmt: skip
         check_supported(unet)
-        super().__init__(unet, plan, policy=policy, config=unet.config, **kwargs)
+        from tokprune.families.unet import FAMILY
+
+        super().__init__(unet, plan, policy=policy, config=unet.config, family=FAMILY, **kwargs)
         self.cache_depth = int(cache_depth)
 
     @property
@@ -66,8 +68,8 @@ class UNetPruner(TokenPruner):
         geometry = self.geometry_of(call)
         step = self._step_index()
         st = self.state
-        if step is None:  # no scheduler: count calls, wrap at the end of the plan
-            if st is None or st.step >= self.plan.num_steps:
+        if step is None:  # no scheduler step index: count calls, wrap at the end of the plan
+            if st is None or st.step >= self.plan.num_steps or self._restarted(call["timestep"]):
                 st = None
             step = 0 if st is None else st.step
         elif step == 0:
@@ -89,6 +91,20 @@ class UNetPruner(TokenPruner):
         out = self.unet_step(st, call)
         st.step = step + 1
         return UNet2DConditionOutput(sample=out) if call["return_dict"] else (out,)
+
+    def _step_index(self) -> int | None:
+        """The scheduler's step index; None for schedulers without one (DDIM, PNDM, DPM-Solver keep none
+        before diffusers' newer API): calls are counted instead, and a call at the scheduler's first
+        timestep starts a new run (an aborted generation does not desynchronise the next)."""
+        if self.scheduler is not None and not hasattr(self.scheduler, "step_index"):
+            return None
+        return super()._step_index()
+
+    def _restarted(self, timestep: torch.Tensor) -> bool:
+        ts = getattr(self.scheduler, "timesteps", None) if self.scheduler is not None else None
+        if ts is None or self.state is None or self.state.step == 0 or len(ts) == 0:
+            return False
+        return bool(timestep.reshape(-1)[0].to(ts.device, ts.dtype) == ts[0])  # one host read per call (eager)
 
     def unet_step(self, st: RunState, call: dict[str, Any]) -> torch.Tensor:
         """One denoising step of the plan: select, run (full / cached), observe. Returns (B, C, H, W)."""
