@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -249,19 +248,9 @@ def summarize(outcomes: Sequence[Outcome], seconds: float) -> dict[str, Any]:
 
 def machine_state() -> dict[str, Any]:
     """CPU count, load average and the busiest processes (other people's jobs share this machine)."""
-    load = os.getloadavg()
-    busy: list[str] = []
-    try:
-        ps = subprocess.run(["ps", "-eo", "pcpu,rss,comm,args", "--sort=-pcpu"], capture_output=True, text=True, timeout=10)
-        for line in ps.stdout.splitlines()[1:6]:
-            parts = line.split(None, 3)
-            if len(parts) == 4:
-                busy.append(f"{parts[0]}% cpu, {int(parts[1]) // 1024} MiB: {parts[3][:90]}")
-    except (OSError, subprocess.SubprocessError, ValueError):
-        pass
-    return {"cpus": os.cpu_count(), "loadavg_1_5_15": [round(x, 2) for x in load], "busiest": busy,
-            "platform": platform.platform(), "python": platform.python_version(),
-            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    from tokprune.environment import machine, versions
+
+    return {**machine(busiest=5), "python": versions()["python"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -366,9 +355,9 @@ def _write_markdown(path: Path, r: dict[str, Any]) -> None:
         "# tokprune-serve load and fault test", "",
         f"Command: `{r['command']}`  ", f"Server: `{r['server_command']}`  ",
         f"Export: `{r.get('export_command')}` ({r.get('export')})  ", "",
-        f"Machine before: {r['machine_before']['cpus']} CPUs, load average {r['machine_before']['loadavg_1_5_15']}, "
+        f"Machine before: {r['machine_before']['cpus']} CPUs, load average {r['machine_before']['load_average']}, "
         f"busiest processes: {r['machine_before']['busiest']}  ",
-        f"Machine after: load average {r['machine_after']['loadavg_1_5_15']}, busiest: {r['machine_after']['busiest']}  ",
+        f"Machine after: load average {r['machine_after']['load_average']}, busiest: {r['machine_after']['busiest']}  ",
         f"Total wall time: {r['total_wall_s']} s (server start {r['startup_s']} s)", "",
         "## Load", "",
         "| requests | clients | ok | failed | lost | wall | throughput | p50 | p95 | p99 |",

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import shlex
 import shutil
 import sys
@@ -36,10 +34,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tokprune.console import add_common, run_cli
 from tokprune.errors import ConfigError
+from tokprune.fsutil import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -116,26 +113,11 @@ def _invocation() -> list[str]:
 
 
 def _versions() -> dict[str, Any]:
-    import diffusers
     import torch
 
-    import tokprune
+    from tokprune.environment import device_name, versions
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "numpy": np.__version__,
-        "tokprune": tokprune.__version__,
-        "threads": torch.get_num_threads(),
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-    }
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return {**versions("diffusers", "numpy"), "threads": torch.get_num_threads(), "device": device_name("cpu")}
 
 
 def write_report(out: Path, store: Any, settings: dict[str, Any], command: str, wall: float) -> str:
@@ -153,9 +135,9 @@ def write_report(out: Path, store: Any, settings: dict[str, Any], command: str, 
         "aggregate": agg,
     }
     doc["findings"] = report.findings(agg)
-    _write(out / "quality.json", json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(out / "quality.json", json.dumps(doc, indent=2) + "\n")
     report.plot(agg, out / "quality.png", f"{settings['model']}: every row vs dense, n={settings['n']} held-out captions")
-    _write(out / "quality.md", report.markdown(doc))
+    atomic_write_text(out / "quality.md", report.markdown(doc))
     return (f"\nwrote {out / 'quality.json'}, {out / 'quality.md'}, {out / 'quality.png'}\n"
             + "\n".join(f"- {f}" for f in doc["findings"]) + "\n\n" + report.table(agg) + "\n")
 

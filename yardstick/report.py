@@ -282,7 +282,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"- wall time: {doc['wall_time_s'] / 60:.1f} min this invocation; {doc.get('work_seconds', 0) / 60:.1f} min of "
         "measured work in the records (all invocations)",
         (f"- versions: python {v['python']}, torch {v['torch']}, diffusers {v['diffusers']}, numpy {v['numpy']}, "
-         f"tokprune {v['tokprune']}; {v['device']}, {v['threads']} threads"),
+         f"tokprune {v['tokprune']}; {v['device']}" + ("" if "threads)" in v["device"] else f", {v['threads']} threads")),
         (f"- sampling: {st['call']}; n={st['n']} held-out captions (dataset split seed {st['split_seed']}), caption i "
          f"seeded {st['seed']}+i, chunks of {st['chunk']}; calibration on {len(st['calib_captions'])} train-split captions"),
         f"- dense reference: accuracy {_fmt_ci(agg['dense'].get('acc'), 1, 100)} %, {agg['dense']['seconds']:.0f} s",

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import signal
 import sys
@@ -44,7 +43,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokprune.environment import device_name, versions
 from tokprune.errors import ConfigError
+from tokprune.fsutil import atomic_output
 from tokprune.yardstick.checker import score
 from tokprune.yardstick.dataset import (
     EVAL_SEED,
@@ -260,9 +261,8 @@ def _autocast(tc: TrainConfig, device: torch.device):
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _lr_factor(step: int, warmup: int, progress: float) -> float:
@@ -286,24 +286,6 @@ def _compile_blocks(transformer, undo: bool = False) -> bool:
         else:
             block.compile()
     return not undo
-
-
-def _versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def _summarise(history: list, points: int = 40) -> list:
@@ -584,7 +566,7 @@ def _run(tc: TrainConfig, device: torch.device, out: Path, mcfg: ModelConfig, st
 
     n_params = {n: count_parameters(getattr(pipe, n)) for n in
                 ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")}
-    logger.info("device %s | %s", _device_name(device), _versions())
+    logger.info("device %s | %s", device_name(device), versions("diffusers", "transformers"))
     logger.info("model %s: %s params | image %dx%d -> latent %dx%dx%d -> %d image tokens + %d text tokens",
                 tc.preset, n_params, 128, 128, mcfg.latent_channels, mcfg.latent_size, mcfg.latent_size,
                 mcfg.image_tokens, mcfg.text_tokens)
@@ -648,8 +630,8 @@ def finish(pipe, tc, mcfg, state, ema, clock, device, n_params, argv, out: Path)
         "parameters": n_params,
         "tokens": {"image": mcfg.image_tokens, "text": mcfg.text_tokens,
                    "latent": [mcfg.latent_channels, mcfg.latent_size, mcfg.latent_size], "image_px": 128},
-        "device": _device_name(device),
-        "versions": _versions(),
+        "device": device_name(device),
+        "versions": versions("diffusers", "transformers"),
         "vae": {"steps": state.vae_step, "seconds": round(state.vae_seconds, 1), "recon": state.vae_recon,
                 "latent_stats": state.latent_stats, "loss_curve": _summarise(state.vae_history)},
         "transformer": {

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from tokprune.environment import device_name, versions
 
 
 def main(argv=None) -> int:
@@ -64,8 +65,7 @@ def main(argv=None) -> int:
     table = [{"select_from": s, "budget": b, "policy": pol, "error": float(np.mean(v["error"])),
               "psnr_db": float(np.mean(v["psnr_db"])), "n": len(v["error"])} for (s, b, pol), v in rows.items()]
     meta = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__},
-            "device": f"cpu ({platform.machine()}), {torch.get_num_threads()} threads",
+            "versions": versions(), "device": device_name("cpu"),
             "wall_s": round(time.perf_counter() - t_start, 1), "captions": "shapes held-out split (seed 1)",
             "schedule": "cat_schedule(t0=8) at each budget; one index set per prompt for both CFG halves"}
     a.out.mkdir(parents=True, exist_ok=True)
