@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tokprune.errors import ConfigError
+from tokprune.hashing import json_sha256
 from tokprune.pruning.plan import PrunePlan
 
 logger = logging.getLogger(__name__)
@@ -33,12 +33,11 @@ FILE = "rollouts.jsonl"
 
 
 def _key(identity: dict[str, Any], group: str, plan: PrunePlan, policy: str) -> str:
-    body = json.dumps(
+    return json_sha256(
         {"identity": identity, "group": group, "policy": policy, "image": list(plan.image_keep),
          "text": None if plan.text_keep is None else list(plan.text_keep)},
-        sort_keys=True, separators=(",", ":"),
+        allow_nan=True,
     )
-    return hashlib.sha256(body.encode()).hexdigest()
 
 
 class RolloutStore:

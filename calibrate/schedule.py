@@ -22,17 +22,17 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
-import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 from tokprune.errors import ScheduleError
+from tokprune.fsutil import atomic_write_text
+from tokprune.hashing import canonical_json, json_sha256  # noqa: F401 - canonical_json: re-exported
 from tokprune.pruning.geometry import REUSE_MODES
 from tokprune.pruning.plan import ALL, PrunePlan
 
@@ -94,11 +94,6 @@ def _jsonable(value: Any, where: str) -> Any:
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
         return _jsonable(value.item(), where)
     raise ScheduleError(f"{where} holds a {type(value).__name__}, which a schedule file cannot store")
-
-
-def canonical_json(obj: Any) -> str:
-    """The one serialisation the content hash is computed over."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 # field name -> (JSON types accepted, description) for load-time type checks
@@ -285,7 +280,7 @@ class Schedule:
     @property
     def content_hash(self) -> str:
         """sha256 of the canonical JSON of every field (the hash itself excluded)."""
-        return hashlib.sha256(canonical_json(self.to_dict(include_hash=False)).encode("ascii")).hexdigest()
+        return json_sha256(self.to_dict(include_hash=False))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, indent=2, ensure_ascii=True, allow_nan=False) + "\n"
@@ -294,17 +289,7 @@ class Schedule:
         """Write atomically (temporary file in the same folder, then ``os.replace``). Returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "x", encoding="ascii") as fh:  # "x": never clobber; honours the umask
-                fh.write(self.to_json())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, self.to_json(), encoding="ascii")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "<dict>") -> "Schedule":
@@ -325,7 +310,7 @@ class Schedule:
         missing, extra = expected_keys - body.keys() - {"family"}, body.keys() - expected_keys
         if missing or extra:
             raise ScheduleError(f"{source}: fields missing {sorted(missing)}, unexpected {sorted(extra)}")
-        actual_hash = hashlib.sha256(canonical_json(body).encode("ascii")).hexdigest()
+        actual_hash = json_sha256(body)
         if actual_hash != stored_hash:
             raise ScheduleError(
                 f"{source}: content hash mismatch (stored {stored_hash[:12]}…, content {actual_hash[:12]}…); "

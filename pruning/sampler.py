@@ -33,7 +33,8 @@ from tokprune.pruning.plan import PrunePlan
 
 logger = logging.getLogger(__name__)
 
-_ATTR = "_tokprune_pruner"
+#: Name of the pruning hook in the denoiser's diffusers hook registry.
+HOOK_NAME = "tokprune.pruning"
 #: What a selection policy scores under classifier-free guidance (``TokenPruner.select_from``).
 SELECT_FROM = ("guided", "cond")
 
@@ -370,6 +371,7 @@ def apply(
     transformer, calls are counted and wrap at the end of the plan (``reset()`` after an abort).
     Applying twice replaces the first hook (idempotent). Returns the hook.
     """
+    from tokprune.pruning.hooks import install_forward
     from tokprune.pruning.text import install_text_protect
 
     transformer, scheduler = _split(target)
@@ -379,9 +381,7 @@ def apply(
         transformer, plan, policy=policy, seed=seed, reuse=reuse, text_protect=text_protect, scheduler=scheduler,
         pipeline=pipeline, guidance=guidance, select_from=select_from,
     )
-    # An instance attribute shadows the class's forward; nn.Module.__call__ picks it up.
-    transformer.__dict__["forward"] = pruner
-    transformer.__dict__[_ATTR] = pruner
+    install_forward(transformer, HOOK_NAME, pruner)  # diffusers' hook registry (pruning/hooks.py)
     if pipeline is not None:
         install_text_protect(pipeline, lambda mask: setattr(pruner, "call_text_protect", mask))
     return pruner
@@ -389,16 +389,18 @@ def apply(
 
 def remove(target: Any) -> None:
     """Undo :func:`apply`: the module (and pipeline) are bit-for-bit the original (no parameter was ever touched)."""
+    from tokprune.pruning.hooks import uninstall_forward
     from tokprune.pruning.text import uninstall_text_protect
 
     transformer, _ = _split(target)
-    transformer.__dict__.pop("forward", None)
-    transformer.__dict__.pop(_ATTR, None)
+    uninstall_forward(transformer, HOOK_NAME)
     if transformer is not target:
         uninstall_text_protect(target)
 
 
 def get_pruner(target: Any) -> TokenPruner | None:
     """The installed hook, or None."""
+    from tokprune.pruning.hooks import installed
+
     transformer, _ = _split(target)
-    return transformer.__dict__.get(_ATTR)
+    return installed(transformer, HOOK_NAME)

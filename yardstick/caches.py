@@ -41,13 +41,14 @@ from typing import Any
 import torch
 
 from tokprune.errors import ConfigError
+from tokprune.pruning.hooks import install_forward, uninstall_forward
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CACHE_KINDS", "CacheSpec", "cached", "measure_mag_ratios"]
 
 CACHE_KINDS: tuple[str, ...] = ("taylorseer", "magcache", "fbc")
-_ORIGINAL = "_tokprune_original_forward"
+_PASSTHROUGH_HOOK = "tokprune.text_passthrough"  # name in the block's diffusers hook registry
 
 
 @dataclass(frozen=True)
@@ -113,14 +114,11 @@ def _text_passthrough(block: torch.nn.Module) -> None:
         )
         return (encoder_hidden_states if enc_out is None else enc_out), hid
 
-    block.__dict__[_ORIGINAL] = original
-    block.__dict__["forward"] = forward
+    install_forward(block, _PASSTHROUGH_HOOK, forward)
 
 
 def _restore(block: torch.nn.Module) -> None:
-    if _ORIGINAL in block.__dict__:
-        block.__dict__.pop("forward", None)
-        block.__dict__.pop(_ORIGINAL)
+    uninstall_forward(block, _PASSTHROUGH_HOOK)
 
 
 @contextlib.contextmanager
