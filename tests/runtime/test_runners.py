@@ -15,7 +15,7 @@ from tokprune.export.runners.trt import (
     require_tensorrt_runtime,
 )
 
-from tokprune.errors import BackendUnavailableError, ConfigError
+from tokprune.errors import BackendUnavailableError, ConfigError, ShapeError
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,114 @@ def test_check_feed_names_the_device(pruned_spec):
 def test_missing_onnx_file_is_refused(tmp_path, pruned_spec):
     with pytest.raises(BackendUnavailableError, match="does not exist"):
         OnnxRuntimeRunner(tmp_path / "nope.onnx", pruned_spec).activate()
+
+
+def test_life_cycle_reports_time_and_input_metadata(manifest, pruned_spec):
+    runner = OnnxRuntimeRunner(manifest.onnx_path(pruned_spec.key), pruned_spec)
+    meta = runner.get_input_metadata()  # known before activate: the bucket's I/O table
+    assert list(meta) == pruned_spec.input_names()
+    assert meta["img_idx"].shape == (2, 64) and meta["img_idx"].dtype == "int64"
+    assert runner.last_inference_time() is None
+    with runner:
+        runner.infer(pruned_spec.sample_inputs())
+        first = runner.last_inference_time()
+        assert isinstance(first, float) and first > 0
+    assert runner.last_inference_time() is None  # deactivate forgets it, as polygraphy's runners do
+
+
+def test_polygraphy_onnxruntime_runner_matches_ours(manifest, pruned_spec):
+    path = manifest.onnx_path(pruned_spec.key)
+    feed = pruned_spec.sample_inputs(seed=5)
+    with PolygraphyRunner.onnxruntime(path, pruned_spec) as poly, OnnxRuntimeRunner(path, pruned_spec) as ours:
+        assert poly.backend is Backend.ONNXRUNTIME and poly.name == "onnxruntime:k0064-t0080"
+        a, b = poly.infer(feed), ours.infer(feed)
+        assert poly.last_inference_time() == poly.runner.last_inference_time() > 0  # polygraphy's own timing
+        with pytest.raises(FeedError, match="txt_idx: missing"):
+            poly.infer({k: v for k, v in feed.items() if k != "txt_idx"})
+    assert not poly.runner.is_active
+    assert list(a) == pruned_spec.output_names()
+    for name in a:
+        assert isinstance(a[name], torch.Tensor) and a[name].shape == b[name].shape
+        assert (a[name] - b[name]).abs().max() <= 1e-5, name
+
+
+def test_polygraphy_runner_refuses_another_buckets_graph(manifest, pruned_spec):
+    dense_key = next(k for k, s in manifest.bucket_specs().items() if s.dense and not s.record_text)
+    runner = PolygraphyRunner.onnxruntime(manifest.onnx_path(dense_key), pruned_spec)
+    with pytest.raises(ShapeError, match=r"the graph reads .* bucket k0064-t0080's I/O table has"):
+        runner.activate()
+    assert not runner.is_active and not runner.runner.is_active
+
+
+class CountingRunner(Runner):
+    """A backend of the test's own (the extension hook): ONNX Runtime underneath, calls counted."""
+
+    backend = "counting"
+
+    def __init__(self, spec, path):
+        super().__init__(spec)
+        self.inner = OnnxRuntimeRunner(path, spec)
+        self.calls = 0
+
+    def activate_impl(self):
+        self.inner.activate()
+
+    def infer_impl(self, feed):
+        self.calls += 1
+        return self.inner.infer(feed, check=False)
+
+    def deactivate_impl(self):
+        self.inner.deactivate()
+
+
+def test_runner_factory_runs_a_backend_of_ones_own(pruned_export, fresh_pipe):
+    from tokprune import runtime
+
+    from tests.runtime.conftest import clone_pipe, generate
+
+    made = {}
+
+    def factory(spec, manifest):
+        made[spec.key] = CountingRunner(spec, manifest.onnx_path(spec.key))
+        return made[spec.key]
+
+    rt = runtime.load(pruned_export, runner_factory=factory)
+    assert sorted(made) == sorted(rt.runners) and all(r.is_active for r in made.values())
+    assert rt.runners == made and rt.runners["k0064-t0080"].name == "counting:k0064-t0080"
+    runtime.attach(fresh_pipe, rt)
+    got = generate(fresh_pipe)
+    runtime.detach(fresh_pipe)
+    assert sum(r.calls for r in made.values()) == rt.calls == 3  # 4 steps, one of them reuses
+    plain = clone_pipe(fresh_pipe)
+    runtime.attach(plain, pruned_export, backend="onnxruntime")
+    want = generate(plain)
+    runtime.detach(plain)
+    assert (got == want).all()  # the same engines behind the hook: the same image
+    rt.close()
+    assert not any(r.is_active for r in made.values())
+
+
+def test_runner_factory_must_return_a_runner(pruned_export):
+    from tokprune import runtime
+
+    with pytest.raises(ConfigError, match=r"runner_factory returned str for bucket .* must return a tokprune"):
+        runtime.load(pruned_export, runner_factory=lambda spec, manifest: "not a runner")
+
+
+def test_the_docstring_example_backend(pruned_export):
+    """The extension example in tokprune.export.runners' docstring runs as written."""
+    import tokprune.export.runners as family
+
+    scope: dict = {"directory": pruned_export}
+    example = family.__doc__.split("runs your runner for every bucket::")[1].split("Anything polygraphy")[0]
+    code = "\n".join(line[4:] for line in example.strip("\n").splitlines()).replace('"engines/x"', "str(directory)")
+    exec(compile(code, "docstring", "exec"), scope)  # noqa: S102 - our own docstring
+    rt = scope["rt"]
+    assert all(type(r).__name__ == "EchoRunner" and r.is_active for r in rt.runners.values())
+    spec = rt.runners["k0064-t0080"].spec
+    feed = spec.sample_inputs(seed=1)
+    assert torch.equal(rt.runners["k0064-t0080"].infer(feed)["noise"], feed["latent"])
+    rt.close()
 
 
 # ---- TensorRT, without TensorRT -----------------------------------------------------------------------
