@@ -60,6 +60,9 @@ class PixArtFamily(ModelFamily):
     def default_max_sequence_length(self, pipe: Any) -> int:
         return MAX_TEXT_TOKENS
 
+    def max_sequence_length_for(self, pipe: Any, text_tokens: int) -> int:
+        return int(text_tokens)
+
     def binned(self, pipe: Any, height: int, width: int) -> tuple[int, int]:
         """The size the pipeline renders with its default ``use_resolution_binning=True``."""
         from tokprune.families.pixart.models import binned_size

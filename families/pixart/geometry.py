@@ -14,7 +14,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
 from tokprune.errors import ShapeError
@@ -135,6 +135,11 @@ class PixArtGeometry:
 
         return bucket_step_macs(self, keep, keep_text, reuse, probe=probe)
 
+    def as_dynamic(self) -> "PixArtGeometry":
+        """This geometry with a ``num_tokens`` no K equals: traced through :func:`pruned_forward` it never takes
+        the K == N shortcut, so one graph with a dynamic K serves every bucket (the export's ``graph.onnx``)."""
+        return _DynamicPixArtGeometry(**{f.name: getattr(self, f.name) for f in fields(PixArtGeometry)})
+
     def with_batch(self, batch: int) -> "PixArtGeometry":
         return replace(self, batch=int(batch))
 
@@ -224,3 +229,13 @@ class PixArtGeometry:
         cls, transformer: Any, *, batch: int, latent_hw: tuple[int, int], text_tokens: int
     ) -> "PixArtGeometry":
         return cls.from_config(transformer.config, batch=batch, latent_hw=latent_hw, text_tokens=text_tokens)
+
+
+class _DynamicPixArtGeometry(PixArtGeometry):
+    """:meth:`PixArtGeometry.as_dynamic`: N + 1 tokens for the forward's dense test only (every shape it
+    builds comes from the inputs or ``grid``)."""
+
+    @property
+    def num_tokens(self) -> int:  # type: ignore[override]
+        h, w = self.grid
+        return h * w + 1

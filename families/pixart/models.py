@@ -84,6 +84,9 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
     "solver_order": 2, "prediction_type": "epsilon", "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
     "lower_order_final": True, "timestep_spacing": "linspace", "steps_offset": 0,
+    # diffusers' default is -inf; any value below every lambda_t (about -5) gives the same timesteps, and a
+    # finite one can be stored in a schedule's JSON (tokprune schedules refuse non-finite numbers).
+    "lambda_min_clipped": -1000.0,
 }  # fmt: skip
 
 
