@@ -217,15 +217,15 @@ class TrtEngineSet:
 
     def acquire(self) -> None:
         if self._users == 0:
-            self._activate()
+            self._open()
         self._users += 1
 
     def release(self) -> None:
         self._users = max(0, self._users - 1)
         if self._users == 0:
-            self._deactivate()
+            self._close()
 
-    def _activate(self) -> None:
+    def _open(self) -> None:
         require_tensorrt_runtime()
         if self.device.type != "cuda":
             raise BackendUnavailableError(f"TensorRT engines run on CUDA devices, got device {self.device}")
@@ -277,7 +277,7 @@ class TrtEngineSet:
             return self.graph.profiles()[key]
         return {t.name: t.shape for t in self.specs[key].inputs()}
 
-    def _deactivate(self) -> None:
+    def _close(self) -> None:
         self.contexts.clear()
         self._engines.clear()
         self._runtime = None
