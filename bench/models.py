@@ -89,6 +89,10 @@ TRANSFORMER_ARCHS: dict[str, dict[str, Any]] = {
     "sd3-medium": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
                        caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192),
+    # CPU-sized: 6 blocks, hidden 384 (6 heads x 64), 64x64 latent -> N = 1024 (results/gpu layout measurement)
+    "sd3-cpu-medium": dict(sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=6,
+                           attention_head_dim=64, num_attention_heads=6, joint_attention_dim=384,
+                           caption_projection_dim=384, pooled_projection_dim=256, pos_embed_max_size=64),
 }
 
 
