@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tokprune.demo.report import grid, table
     from tokprune.export.command import command_line
     from tokprune.models import call_defaults, load_pipeline
+    from tokprune.pruning.family import family_for
     from tokprune.yardstick.metrics import psnr
 
     _precheck(args)  # bad flags and output places fail before the model loads
@@ -98,9 +99,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     print(f"[1/3] calibrating {args.model} for budget {args.budget} on {len(calib)} prompts (whole runs measured, "
           f"{args.holdout_prompts} held out), {args.steps} steps", flush=True)
-    vsf = int(pipe.vae_scale_factor)
-    height = kwargs.get("height", int(pipe.default_sample_size) * vsf)
-    width = kwargs.get("width", int(pipe.default_sample_size) * vsf)
+    resolved = family_for(pipe).settings(pipe, steps=args.steps)
+    height, width = resolved.height, resolved.width
     schedule = calibrate(
         pipe, budget=args.budget, steps=args.steps, height=height, width=width, prompts=calib,
         num_prompts=args.calib_prompts, holdout_prompts=args.holdout_prompts,

@@ -105,7 +105,7 @@ class ImageGenerator:
         self._base = load_components(self.manifest, device=self._rt.device, dtype=self._rt.dtype, with_transformer=False)
         self._base.set_progress_bar_config(disable=True)
         g = self.manifest.geometry
-        self._max_seq = int(g.text_tokens) - int(self._base.tokenizer.model_max_length)
+        self._call_kwargs = self._rt.family.call_kwargs(self._base, g)  # the text length the engines take
         self._torch = torch
         self._slots: queue.Queue[Any] = queue.Queue()
         for _ in range(max(1, int(slots))):
@@ -180,7 +180,7 @@ class ImageGenerator:
                     width=first.width,
                     num_inference_steps=first.steps,
                     guidance_scale=first.guidance,
-                    max_sequence_length=self._max_seq,
+                    **self._call_kwargs,
                     generator=[torch.Generator(device="cpu").manual_seed(r.seed) for r in reqs],
                 ).images
             ok = True

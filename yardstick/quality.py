@@ -36,6 +36,7 @@ from typing import Any
 
 from tokprune.console import add_common, run_cli
 from tokprune.errors import ConfigError
+from tokprune.pruning.family import family_for
 from tokprune.fsutil import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def write_report(out: Path, store: Any, settings: dict[str, Any], command: str, 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
-    from tokprune.models import call_defaults, load_pipeline
+    from tokprune.models import load_pipeline
     from tokprune.yardstick.dataset import EVAL_SEED, TRAIN_SEED, sample_spec
     from tokprune.yardstick.rows import parse_caches
     from tokprune.yardstick.runs import Call
@@ -160,14 +161,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                           f"{args.noise_n}; expected >= 1 (noise-n >= 0)")
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
-    d = {"guidance_scale": 7.0, "num_inference_steps": 28, "max_sequence_length": 256, **call_defaults(pipe)}
-    vsf = int(pipe.vae_scale_factor)
+    resolved = family_for(pipe).settings(pipe, steps=args.steps, max_sequence_length=args.max_sequence_length)
     call = Call(
-        steps=args.steps or int(d["num_inference_steps"]),
-        guidance=float(d["guidance_scale"]),
-        height=int(d.get("height") or pipe.default_sample_size * vsf),
-        width=int(d.get("width") or pipe.default_sample_size * vsf),
-        max_sequence_length=args.max_sequence_length or int(d["max_sequence_length"]),
+        steps=resolved.steps, guidance=resolved.guidance, height=resolved.height, width=resolved.width,
+        max_sequence_length=resolved.max_sequence_length,
     )
     settings = {
         "model": args.model,

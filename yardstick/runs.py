@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from tokprune.errors import ConfigError
+from tokprune.pruning.family import family_for
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +61,14 @@ class Call:
 
 def geometry_of(pipe: Any, call: Call, prompts: int) -> Any:
     """The MAC geometry of one call on ``prompts`` captions (both CFG halves when guidance > 1)."""
-    from tokprune.pruning.geometry import Geometry
+    return settings_of(pipe, call, prompts).geometry(family_for(pipe).denoiser(pipe))
 
-    vsf = int(pipe.vae_scale_factor)
-    return Geometry.from_config(
-        pipe.transformer.config,
-        batch=(2 if call.guidance > 1.0 else 1) * prompts,
-        latent_hw=(call.height // vsf, call.width // vsf),
-        text_tokens=int(pipe.tokenizer.model_max_length) + call.max_sequence_length,
+
+def settings_of(pipe: Any, call: Call, prompts: int) -> Any:
+    """The :class:`~tokprune.pruning.family.CallSettings` of one call on ``prompts`` captions."""
+    return family_for(pipe).settings(
+        pipe, height=call.height, width=call.width, steps=call.steps, guidance=call.guidance,
+        max_sequence_length=call.max_sequence_length, prompts=prompts,
     )
 
 
