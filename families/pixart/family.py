@@ -184,12 +184,25 @@ class PixArtFamily(ModelFamily):
 
     def text_protect(self, conditions: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(B, T) bool: T5's EOS of every row, the last unmasked position, which text pruning must keep."""
-        mask = conditions["encoder_attention_mask"].bool()
-        t = mask.shape[1]
-        last = (mask.long() * torch.arange(1, t + 1, device=mask.device)).argmax(dim=1)  # last 1 per row
-        protect = torch.zeros_like(mask)
-        protect[torch.arange(mask.shape[0]), last] = True
-        return protect & mask
+        from tokprune.families.pixart.pipeline_hooks import eos_mask
+
+        return eos_mask(conditions["encoder_attention_mask"])
+
+    def bind_pipeline(self, pipe: Any, pruner: Any) -> None:
+        """Make ``pipe`` report each call's CFG scale (``pipe.guidance_scale`` / ``do_classifier_free_guidance``,
+        which the sampler reads) and hand its T5 EOS mask to ``pruner.call_text_protect``. Replaces the SD3
+        tokenizer-based protection the generic ``apply`` installs (which finds nothing on a T5-only pipeline)."""
+        from tokprune.families.pixart import pipeline_hooks
+        from tokprune.pruning.text import uninstall_text_protect
+
+        uninstall_text_protect(pipe)
+        pipeline_hooks.bind(pipe, lambda mask: setattr(pruner, "call_text_protect", mask))
+
+    def unbind_pipeline(self, pipe: Any) -> None:
+        """Undo :meth:`bind_pipeline`: the pipeline's class and attributes are the original ones."""
+        from tokprune.families.pixart import pipeline_hooks
+
+        pipeline_hooks.unbind(pipe)
 
     # ---- the sampling loop ---------------------------------------------------------------
     def encode(self, pipe: Any, prompts: list[str], settings: CallSettings) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
