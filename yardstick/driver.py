@@ -105,15 +105,13 @@ class Driver:
 
     def estimate_text(self) -> str:
         """Measure one dense caption; project the wall time of the whole comparison from MAC fractions."""
+        from tokprune.bench.harness import device_sync, time_repeats
         from tokprune.yardstick.runs import EagerRuns
 
         caps, seeds = self.captions(0, 1)
-        times = []
-        for _ in range(2):  # the first call also pays one-time set-up: keep the faster of two
-            t0 = time.perf_counter()
-            EagerRuns(self.pipe, caps, call=self.call, seeds=seeds).dense()
-            times.append(time.perf_counter() - t0)
-        dense_s = min(times)
+        # the first call also pays one-time set-up: keep the faster of two
+        dense_s = min(time_repeats(lambda: EagerRuns(self.pipe, caps, call=self.call, seeds=seeds).dense(),
+                                   sync=device_sync(self.pipe.device), warmup=0, repeats=2))
         n = self.settings["n"]
         plan_units = sum(self.budgets) * len([m for m in self.methods if m != "random"])
         if "random" in self.methods:
