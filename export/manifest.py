@@ -25,7 +25,6 @@ Runtime-side API::
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import Any
 from tokprune.export.spec import BucketSpec, Precision, TensorSpec, geometry_from_dict
 
 from tokprune.errors import ManifestError
+from tokprune.hashing import json_sha256, sha256_file
 
 __all__ = [
     "MANIFEST_FILE",
@@ -281,14 +281,6 @@ MANIFEST_SCHEMA: dict[str, Any] = {
 
 
 # ---- files ---------------------------------------------------------------------------------------
-def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_entry(directory: str | Path, relpath: str) -> dict[str, Any]:
     """``{"path", "sha256", "size"}`` of ``directory / relpath``."""
     p = Path(directory) / relpath
@@ -310,8 +302,7 @@ INTEGRITY_KEY = "integrity"
 
 
 def _digest(value: Any) -> str:
-    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+    return json_sha256(value, default=str, allow_nan=True)  # a hand-edited NaN reads as a changed field
 
 
 def _field_digests(data: Mapping[str, Any]) -> dict[str, str]:

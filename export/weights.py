@@ -22,7 +22,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tokprune.export.errors import ExportError
+from tokprune.hashing import sha256_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class SharedWeights:
             if len(data) < self.min_bytes:
                 stats.inline_bytes += len(data)
                 continue
-            digest = hashlib.sha256(data).hexdigest()
+            digest = sha256_bytes(data)
             previous = self.names.get(tensor.name)
             if previous is not None and previous != digest:
                 if tensor.name.startswith("model."):

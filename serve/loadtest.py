@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tokprune.hashing import sha256_bytes
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -127,7 +128,7 @@ async def send(host: str, port: int, index: int, body: dict[str, Any], retries: 
             continue
         out.status = status
         if status == 200:
-            out.sha256 = hashlib.sha256(data).hexdigest()
+            out.sha256 = sha256_bytes(data)
             out.pid = headers.get("x-tokprune-pid")
             out.server_retries = int(headers.get("x-tokprune-retries", "0") or 0)
             out.server_ms = {k[len("x-tokprune-"):-3]: float(v) for k, v in headers.items()

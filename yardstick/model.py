@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from tokprune.errors import ConfigError, ModelNotFoundError
+from tokprune.fsutil import atomic_output, atomic_write_json
 from tokprune.yardstick.dataset import EVAL_SEED, IMAGE_SIZE, vocabulary
 
 logger = logging.getLogger(__name__)
@@ -319,10 +320,9 @@ def save_pipeline(pipe, directory: str | Path, meta: YardstickMeta, transformer_
         if not weights.is_file():
             raise ModelNotFoundError(f"{weights} not written by save_pretrained; expected a single unsharded file")
         state = {k: v.detach().to("cpu", transformer_dtype).contiguous() for k, v in pipe.transformer.state_dict().items()}
-        tmp = weights.with_suffix(".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.replace(weights)
-    (directory / META_FILE).write_text(json.dumps(dataclasses.asdict(meta), indent=2) + "\n")
+        with atomic_output(weights) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+    atomic_write_json(directory / META_FILE, dataclasses.asdict(meta), indent=2)
     return directory
 
 

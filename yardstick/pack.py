@@ -11,13 +11,13 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import logging
 import tarfile
 from pathlib import Path
 
 from tokprune.errors import ManifestError
+from tokprune.hashing import sha256_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def pack(directory: str | Path, dest: str | Path, part_mib: float = 15.0, name: 
         part = dest / f"{name}.tar.part-{i // size:03d}"
         part.write_bytes(data[i : i + size])
         parts.append(part)
-    (dest / f"{name}.tar.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    (dest / f"{name}.tar.sha256").write_text(sha256_bytes(data) + "\n")
     logger.info("packed %s into %d part(s) in %s (%.1f MiB)", directory, len(parts), dest, len(data) / 2**20)
     return parts
 
@@ -52,7 +52,7 @@ def unpack(src: str | Path, dest: str | Path, name: str = "model") -> Path:
     data = b"".join(p.read_bytes() for p in parts)
     digest_file = src / f"{name}.tar.sha256"
     if digest_file.is_file():
-        want, got = digest_file.read_text().strip(), hashlib.sha256(data).hexdigest()
+        want, got = digest_file.read_text().strip(), sha256_bytes(data)
         if want != got:
             raise ManifestError(f"{name}.tar parts in {src} are corrupt or incomplete: sha256 {got}, expected {want}")
     dest.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from tokprune.errors import ConfigError
+from tokprune.fsutil import atomic_output
+from tokprune.hashing import sha256_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ __all__ = ["RunStore", "fingerprint"]
 
 def fingerprint(settings: dict[str, Any]) -> str:
     """Stable short hash of JSON-able settings."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return sha256_bytes(json.dumps(settings, sort_keys=True, default=str))[:16]  # this form keys existing work folders
 
 
 class RunStore:
@@ -94,10 +95,8 @@ class RunStore:
 
     def save_array(self, name: str, array: np.ndarray) -> None:
         """Write ``name.npy`` atomically (temporary file, then rename)."""
-        path = self._array_path(name)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, array)
-        os.replace(tmp, path)
+        with atomic_output(self._array_path(name)) as tmp:  # the temporary name keeps .npy: np.save adds none
+            np.save(tmp, array)
 
     def load_array(self, name: str) -> np.ndarray | None:
         path = self._array_path(name)
