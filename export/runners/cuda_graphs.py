@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tokprune.export.spec import TensorSpec
+from tokprune.export.spec import BucketSpec, FeedError
 
 from tokprune.errors import BackendUnavailableError, ShapeError, TokpruneError
 
@@ -124,9 +124,8 @@ class BucketGraphs:
     """CUDA graphs of one bucket call ``fn(*inputs) -> tuple(outputs)``, keyed by the caches' addresses.
 
     Args:
-        fn: the bucket's pure callable (inputs positionally in ``inputs`` order).
-        key: the bucket key (messages).
-        inputs / outputs: the bucket's :class:`TensorSpec` lists (its I/O table).
+        fn: the bucket's pure callable (inputs positionally in ``spec.inputs()`` order).
+        spec: the bucket's :class:`BucketSpec` (its I/O table; feeds are checked with its ``check_feed``).
         device: the CUDA device; ``backend``: capture mechanics (default :class:`TorchCudaBackend`).
         max_graphs: captured graphs kept per bucket (one per set of cache addresses; LRU).
         warmup: unchecked runs before the first capture (lazy initialisation, compilation), followed by
@@ -136,9 +135,7 @@ class BucketGraphs:
     def __init__(
         self,
         fn: Callable[..., Sequence[torch.Tensor]],
-        key: str,
-        inputs: Sequence[TensorSpec],
-        outputs: Sequence[TensorSpec],
+        spec: BucketSpec,
         device: torch.device | str,
         *,
         backend: Any = None,
@@ -150,9 +147,10 @@ class BucketGraphs:
             require_cuda(self.device)
             backend = TorchCudaBackend(self.device)
         self.fn = fn
-        self.key = key
-        self.inputs = list(inputs)
-        self.outputs = list(outputs)
+        self.spec = spec
+        self.key = spec.key
+        self.inputs = spec.inputs()
+        self.outputs = spec.outputs()
         self.backend = backend
         self.max_graphs = int(max_graphs)
         self.warmup = int(warmup)
@@ -166,21 +164,13 @@ class BucketGraphs:
 
     # ---- checks ------------------------------------------------------------------------------
     def _check(self, feed: Mapping[str, torch.Tensor]) -> None:
-        problems = []
-        for t in self.inputs:
-            x = feed.get(t.name)
-            if x is None:
-                problems.append(f"{t.name}: missing")
-                continue
-            dtype = str(x.dtype).replace("torch.", "")
-            if tuple(x.shape) != t.shape or dtype != t.dtype or x.device.type != self.device.type:
-                problems.append(f"{t.name}: got {tuple(x.shape)} {dtype} on {x.device}, the graph replays "
-                                f"{t.shape} {t.dtype} on {self.device}")
-        if problems:
+        try:
+            self.spec.check_feed(feed, device=self.device)
+        except FeedError as exc:
             raise ShapeError(
-                f"bucket {self.key}: {OPTION} replays fixed shapes, and this call differs: " + "; ".join(problems)
-                + ". Feed the bucket's exact I/O table (BucketSpec.io()), or drop the option"
-            )
+                f"bucket {self.key}: {OPTION} replays fixed shapes, and this call differs: {exc}. Feed the "
+                "bucket's exact I/O table (BucketSpec.io()), or drop the option"
+            ) from None
 
     # ---- the call ------------------------------------------------------------------------------
     def __call__(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

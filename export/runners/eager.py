@@ -68,8 +68,7 @@ class TorchRunner(Runner):
         if self.cuda_graphs:
             from tokprune.export.runners.cuda_graphs import BucketGraphs
 
-            self._graphs = BucketGraphs(self._call, self.spec.key, self._inputs, self._outputs, self.device,
-                                        backend=self._graph_backend)
+            self._graphs = BucketGraphs(self._call, self.spec, self.device, backend=self._graph_backend)
 
     def _call(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from tokprune.export.onnx_export import precision_patches
