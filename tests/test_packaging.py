@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tokprune", "tokprune/pruning", "tokprune/calibrate", "tokprune/export", "tokprune/runtime", "tokprune/yardstick",
-            "tokprune/serve", "tokprune/demo")
+            "tokprune/serve", "tokprune/demo", "tokprune/bench", "tokprune/bench/scenarios")
 
 SNIPPET = r"""
 import sys, torch
