@@ -49,28 +49,23 @@ Anything polygraphy runs needs no subclass: ``PolygraphyRunner(polygraphy_runner
 
 from __future__ import annotations
 
-from typing import Any
+# Light imports: each backend's library (onnxruntime, tensorrt, polygraphy) is imported on activate.
+from tokprune.export.runners.base import Runner, RunnerStateError
+from tokprune.export.runners.eager import TorchRunner
+from tokprune.export.runners.ort import OnnxRuntimeRunner, SharedOrtSession
+from tokprune.export.runners.polygraphy_bridge import PolygraphyRunner
+from tokprune.export.runners.trt import TrtEngineSet, TrtRunner
+from tokprune.export.spec import Backend, FeedError
 
-_EXPORTS = {
-    "Backend": "tokprune.export.spec",
-    "FeedError": "tokprune.export.spec",
-    "Runner": "tokprune.export.runners.base",
-    "RunnerStateError": "tokprune.export.runners.base",
-    "TorchRunner": "tokprune.export.runners.eager",
-    "OnnxRuntimeRunner": "tokprune.export.runners.ort",
-    "SharedOrtSession": "tokprune.export.runners.ort",
-    "TrtEngineSet": "tokprune.export.runners.trt",
-    "TrtRunner": "tokprune.export.runners.trt",
-    "PolygraphyRunner": "tokprune.export.runners.polygraphy_bridge",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tokprune.export.runners' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
+__all__ = [
+    "Backend",
+    "FeedError",
+    "OnnxRuntimeRunner",
+    "PolygraphyRunner",
+    "Runner",
+    "RunnerStateError",
+    "SharedOrtSession",
+    "TorchRunner",
+    "TrtEngineSet",
+    "TrtRunner",
+]
