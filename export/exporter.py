@@ -32,12 +32,19 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokprune.export import outdir
+from tokprune.export.config import (
+    DEFAULT_STEPS,
+    ExportConfig,
+    ExportResult,
+    load_schedule_file,
+    max_sequence_length,
+    settle,
+)
 from tokprune.export.checks import check_calibration_inputs, checkpoint_kwargs, precheck
 from tokprune.export.errors import DiskFullError, ExportError
 from tokprune.export.manifest import (
@@ -50,8 +57,8 @@ from tokprune.export.manifest import (
     verify,
     write_manifest,
 )
-from tokprune.export.onnx_export import OPSET, cast_for_export, export_bucket_onnx, finalize_onnx
-from tokprune.export.spec import EXPORT_BACKENDS, PROBE_SUFFIX, Backend, BucketSpec, Precision, geometry_to_dict
+from tokprune.export.onnx_export import cast_for_export, export_bucket_onnx, finalize_onnx
+from tokprune.export.spec import PROBE_SUFFIX, Backend, BucketSpec, Precision, geometry_to_dict
 from tokprune.export.weights import WEIGHTS_FILE, SharedWeights
 
 import tokprune
@@ -66,73 +73,6 @@ __all__ = ["ExportConfig", "ExportResult", "bucket_specs", "default_out_dir", "e
 STATE_FILE = ".export-state.json"
 CALIBRATION_DIR = "calibration"  # inside the work directory: measured rollouts, reused by a re-run
 SCHEDULE_FILE = "schedule.json"
-DEFAULT_STEPS = 28
-DEFAULT_GUIDANCE = 7.0
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """What ``tokprune-export`` was asked for. ``None`` means "the default" (or the schedule's value).
-
-    Args that matter: ``model``, ``budget`` (fraction of dense MACs in (0, 1]), ``height`` /
-    ``width`` / ``steps`` / ``guidance`` exactly as the runtime will sample, ``precision``.
-    Args to tinker with: ``max_buckets`` (3-4 recommended), ``policy``, ``prompts_file``,
-    ``num_prompts``, ``schedule_file`` (skip calibration), ``backend``.
-    """
-
-    model: str
-    budget: float | None = None
-    height: int | None = None
-    width: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    prompts_file: str | None = None
-    num_prompts: int | None = 4  # as calibrate(): 4 measured + 2 held-out prompts
-    max_buckets: int = 4
-    policy: str = "cat"
-    allow_reuse: bool = True  # False: calibration prunes tokens only, never reuses a whole step
-    precision: Precision = Precision.FP32
-    backend: Backend = Backend.AUTO
-    schedule_file: str | None = None
-    max_sequence_length: int | None = None  # None: the model's call default (tokprune.models.call_defaults), else 256
-    opset: int = OPSET
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "precision", Precision.parse(self.precision))
-        object.__setattr__(self, "backend", Backend.parse(self.backend, choices=EXPORT_BACKENDS))
-        if self.budget is None and self.schedule_file is None:
-            raise ConfigError("--budget is required (a fraction of dense MACs in (0, 1], e.g. --budget 0.5) unless --schedule is given")
-        if self.budget is not None:
-            b = self.budget
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < float(b) <= 1.0:
-                raise ConfigError(f"--budget {b!r} is out of range; expected a fraction of dense MACs in (0, 1], e.g. 0.5")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 2):
-            raise ConfigError(f"--steps {self.steps!r}; expected an int >= 2")
-        if not isinstance(self.max_buckets, int) or self.max_buckets < 1:
-            raise ConfigError(f"--max-buckets {self.max_buckets!r}; expected an int >= 1 (the dense bucket takes one)")
-        if self.opset < 18:
-            raise ConfigError(f"opset {self.opset}; the dynamo exporter needs >= 18")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v <= 0):
-                raise ConfigError(f"--{name} {v!r}; expected a positive int (pixels)")
-
-
-@dataclass
-class ExportResult:
-    """What an export produced. ``message`` is the user-facing summary of the engine situation."""
-
-    directory: Path
-    manifest: dict[str, Any]
-    engines_built: bool
-    message: str
-    exported: list[str] = field(default_factory=list)  # bucket keys traced in this run
-    reused: list[str] = field(default_factory=list)  # bucket keys taken from an interrupted run
-    up_to_date: bool = False  # the directory already held this export; nothing was done
-    seconds: float = 0.0
-
-
 def default_out_dir(model_name: str, height: int, width: int, steps: int, budget: float, root: str | Path = "engines") -> Path:
     """``engines/<model>-<H>x<W>-s<S>-b<B>`` (hub ids: ``/`` becomes ``--``)."""
     safe = model_name.replace("/", "--")
@@ -216,14 +156,14 @@ def export_model(
         if config.schedule_file is not None:
             from tokprune.models import fingerprint
 
-            schedule_in = _load_schedule_file(config, pipe, fingerprint(family_for(pipe).denoiser(pipe)))
-        settings = _settle(config, pipe, schedule_in)
+            schedule_in = load_schedule_file(config, pipe, fingerprint(family_for(pipe).denoiser(pipe)))
+        settings = settle(config, pipe, schedule_in)
         out = outdir.resolve_out(out_dir) if out_dir is not None else default_out_dir(
             source.name, settings["height"], settings["width"], settings["steps"], settings["budget"]
         )
         identity = _identity(config, source, pipe, settings, schedule_in)
         if schedule_in is None:
-            check_calibration_inputs(config, pipe, settings, _max_sequence_length(config, pipe))
+            check_calibration_inputs(config, pipe, settings, max_sequence_length(config, pipe))
         check_output_dir(out, flag="--out")
         held = outdir.lock(out, command=command or "").acquire()  # a second export into `out` is refused
         existing = _check_existing(out, identity, force=force)
@@ -262,57 +202,6 @@ def export_model(
             held.release()
 
 
-def _load_schedule_file(config: ExportConfig, pipe: Any, fp: str):
-    from tokprune.calibrate.schedule import Schedule
-
-    sched = Schedule.load(
-        config.schedule_file, expect_fingerprint=fp, expect_height=config.height, expect_width=config.width,
-        expect_steps=config.steps,
-    )
-    problems = []
-    if config.guidance is not None and float(config.guidance) != sched.guidance:
-        problems.append(f"guidance: schedule has {sched.guidance:g}, --guidance {config.guidance:g}")
-    if config.budget is not None and abs(float(config.budget) - sched.budget) > 1e-9:
-        problems.append(f"budget: schedule has {sched.budget:g}, --budget {config.budget:g}")
-    if problems:
-        raise ScheduleError(f"{config.schedule_file} does not match: " + "; ".join(problems) + "; drop the flag or recalibrate")
-    return sched
-
-
-def call_settings(config: ExportConfig, pipe: Any, schedule: Any = None) -> Any:
-    """The export's :class:`~tokprune.pruning.family.CallSettings`, resolved once: a schedule's size, steps
-    and guidance, else the flags, else the model's call defaults, else the family's defaults."""
-    family = family_for(pipe)
-    if schedule is not None:
-        settings = family.settings(
-            pipe, height=schedule.height, width=schedule.width, steps=schedule.steps, guidance=schedule.guidance,
-            max_sequence_length=family.max_sequence_length_for(pipe, schedule.text_tokens),
-            precision=Precision.parse(config.precision).value,
-        )
-        if config.max_sequence_length is not None and config.max_sequence_length != settings.max_sequence_length:
-            raise ScheduleError(
-                f"--max-sequence-length {config.max_sequence_length}: the schedule was calibrated for "
-                f"{settings.max_sequence_length} ({schedule.text_tokens} text rows); drop the flag or recalibrate"
-            )
-        return settings
-    return family.settings(
-        pipe, height=config.height, width=config.width, steps=config.steps, guidance=config.guidance,
-        max_sequence_length=config.max_sequence_length, precision=Precision.parse(config.precision).value,
-        default_steps=DEFAULT_STEPS, default_guidance=DEFAULT_GUIDANCE,
-    )
-
-
-def _settle(config: ExportConfig, pipe: Any, schedule: Any) -> dict[str, Any]:
-    """Height, width, steps, guidance, budget (:func:`call_settings`; the budget: the schedule's, else the flag)."""
-    s = call_settings(config, pipe, schedule)
-    budget = schedule.budget if schedule is not None else float(config.budget)
-    return {"height": s.height, "width": s.width, "steps": s.steps, "guidance": s.guidance, "budget": budget}
-
-
-def _max_sequence_length(config: ExportConfig, pipe: Any, schedule: Any = None) -> int | None:
-    return call_settings(config, pipe, schedule).max_sequence_length
-
-
 def _identity(config: ExportConfig, source: Any, pipe: Any, settings: dict[str, Any], schedule: Any) -> dict[str, Any]:
     """Everything that determines the export's content; equal identity = reusable artifacts."""
     from tokprune.models import fingerprint
@@ -331,7 +220,7 @@ def _identity(config: ExportConfig, source: Any, pipe: Any, settings: dict[str, 
         "allow_reuse": config.allow_reuse,
         "schedule_sha256": schedule.content_hash if schedule is not None else None,
         "precision": config.precision.value,
-        "max_sequence_length": _max_sequence_length(config, pipe, schedule),
+        "max_sequence_length": max_sequence_length(config, pipe, schedule),
         "opset": config.opset,
         "seed": config.seed,
     }
@@ -486,7 +375,7 @@ def _schedule_step(work, state, config, source, pipe, settings, schedule_in, *, 
         schedule = calibrate(
             pipe, budget=settings["budget"], steps=settings["steps"], prompts=prompts, height=settings["height"],
             width=settings["width"], guidance=settings["guidance"], max_buckets=config.max_buckets, policy=config.policy,
-            num_prompts=config.num_prompts, seed=config.seed, max_sequence_length=_max_sequence_length(config, pipe),
+            num_prompts=config.num_prompts, seed=config.seed, max_sequence_length=max_sequence_length(config, pipe),
             allow_reuse=config.allow_reuse,
             model=config.model, progress=progress, **checkpoint_kwargs(calibrate, work / CALIBRATION_DIR),
         )
