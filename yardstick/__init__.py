@@ -10,6 +10,9 @@ compared on a task metric.
 - :mod:`~tokprune.yardstick.model`    the complete ``StableDiffusion3Pipeline`` (tokenizers from the
   closed vocabulary, frozen tiny text encoders, tiny VAE, 8-block SD3 transformer), save / load
 - :mod:`~tokprune.yardstick.train`    ``python -m tokprune.yardstick.train --out DIR --device cuda --minutes 8``
+  (set-up, resume, final choice and saving), with :mod:`~tokprune.yardstick.train_config` (the run's
+  settings and checkpointed progress), :mod:`~tokprune.yardstick.train_data` (batches, text encoding) and
+  :mod:`~tokprune.yardstick.train_loop` (the VAE and transformer phases)
 - :mod:`~tokprune.yardstick.evaluate` ``evaluate(pipe, n=64) -> {"mean": ..., "position": ..., ...}``
 - :mod:`~tokprune.yardstick.pack`     move a model directory through per-file size limits
 

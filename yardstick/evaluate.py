@@ -120,7 +120,8 @@ def save_grid(images: np.ndarray, path, columns: int = 8, scale: int = 2) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tokprune.yardstick.model import load_pipeline
+    """``python -m tokprune.yardstick.evaluate`` through the shared CLI runner (exit 0/1/2/130, one-line errors)."""
+    from tokprune.console import add_common, run_cli
 
     ap = argparse.ArgumentParser(prog="python -m tokprune.yardstick.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="yardstick pipeline directory (with yardstick.json)")
@@ -131,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--grid", default=None, help="also write a PNG grid of the generated images here")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_cli(add_common(ap), argv, _main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from tokprune.yardstick.model import load_pipeline
 
     pipe, meta = load_pipeline(args.model, device=args.device)
     result = evaluate(

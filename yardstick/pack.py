@@ -68,6 +68,9 @@ def unpack(src: str | Path, dest: str | Path, name: str = "model") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m tokprune.yardstick.pack`` through the shared CLI runner (exit 0/1/2/130, one-line errors)."""
+    from tokprune.console import add_common, run_cli
+
     ap = argparse.ArgumentParser(prog="python -m tokprune.yardstick.pack", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pack", help="DIRECTORY -> DEST/model.tar.part-*")
@@ -77,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("unpack", help="SRC/model.tar.part-* -> DEST/")
     u.add_argument("src")
     u.add_argument("dest")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_cli(add_common(ap), argv, _main)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.cmd == "pack":
         pack(args.directory, args.dest, args.part_mib)
     else:

@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import shlex
 import signal
@@ -41,112 +40,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tokprune.environment import device_name, versions
+from tokprune.console import add_common, run_cli
 from tokprune.errors import ConfigError
-from tokprune.fsutil import atomic_output
-from tokprune.yardstick.checker import score
-from tokprune.yardstick.dataset import (
-    EVAL_SEED,
-    TRAIN_SEED,
-    render,
-    sample_spec,
-    scene_params,
-    to_model_input,
-    to_uint8,
-)
+from tokprune.fsutil import atomic_output, atomic_write_text
 from tokprune.yardstick.evaluate import evaluate, save_grid
-from tokprune.yardstick.model import (
-    PRESETS,
-    ModelConfig,
-    YardstickMeta,
-    build_pipeline,
-    count_parameters,
-    save_pipeline,
-)
+from tokprune.yardstick.model import PRESETS, ModelConfig, YardstickMeta, build_pipeline, count_parameters, save_pipeline
+from tokprune.yardstick.train_config import CKPT_VERSION, RunState, TrainConfig
+from tokprune.yardstick.train_loop import train_dit, train_vae
+
+__all__ = ["TrainConfig", "main", "parse_args", "run"]
 
 logger = logging.getLogger(__name__)
-
-CKPT_VERSION = 1
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every knob of a run (recorded in training.json). ``None`` fields get device/smoke defaults."""
-
-    out: str
-    device: str = "cuda"
-    minutes: float = 8.0  # whole budget, wall clock
-    steps: int | None = None  # max transformer steps (None: as many as the time allows)
-    vae_steps: int | None = None  # max VAE steps
-    vae_minutes: float | None = None  # default: 10% of the budget, within [0.25, 1] min (stops early when good)
-    batch: int | None = None  # transformer batch: 128 on CUDA
-    vae_batch: int | None = None  # 64 on CUDA
-    lr: float = 4e-4
-    vae_lr: float = 1e-3
-    warmup: int = 250
-    ema: float = 0.999
-    cfg_dropout: float = 0.1
-    kl_weight: float = 1e-5
-    seed: int = 0
-    preset: str = "base"
-    log_every: int | None = None
-    ckpt_minutes: float = 3.0
-    eval_n: int | None = None  # held-out captions per final evaluation
-    eval_steps: int = 28
-    guidances: tuple[float, ...] = (3.0, 5.0, 7.0)
-    reserve_s: float | None = None  # budget kept for the final evaluation and saving
-    pack_to: str | None = None
-    compile: bool | None = None  # regional torch.compile of the transformer blocks; default on for CUDA
-    amp: bool | None = None  # bf16 autocast; default on for CUDA
-    workers: int | None = None  # DataLoader processes building batches; default min(6, cores - 2) on CUDA, 0 on CPU
-    resume: bool = True
-    smoke: bool = False
-
-    def resolved(self) -> TrainConfig:
-        cuda = self.device.startswith("cuda")
-        smoke = self.smoke
-        pick = lambda value, gpu, cpu, tiny: value if value is not None else (tiny if smoke else gpu if cuda else cpu)
-        tc = dataclasses.replace(
-            self,
-            preset="smoke" if smoke else self.preset,
-            steps=pick(self.steps, None, None, 4),
-            vae_steps=pick(self.vae_steps, 20000, 20000, 4),
-            batch=pick(self.batch, 128, 16, 4),
-            vae_batch=pick(self.vae_batch, 64, 16, 4),
-            log_every=pick(self.log_every, 100, 10, 1),
-            eval_n=pick(self.eval_n, 128, 16, 4),
-            eval_steps=2 if smoke else self.eval_steps,
-            guidances=(3.0,) if smoke else tuple(self.guidances),
-            reserve_s=pick(self.reserve_s, 45.0, 120.0, 20.0),
-            amp=cuda if self.amp is None else self.amp,
-            compile=cuda and not smoke if self.compile is None else self.compile,
-            workers=pick(self.workers, min(6, max(1, (os.cpu_count() or 2) - 2)), 0, 0),
-            warmup=2 if smoke else self.warmup,
-        )
-        if tc.preset not in PRESETS:
-            raise ConfigError(f"--preset {tc.preset!r}; expected one of {tuple(PRESETS)}")
-        if tc.minutes <= 0:
-            raise ConfigError(f"--minutes {tc.minutes}; expected > 0")
-        return tc
-
-
-@dataclasses.dataclass
-class RunState:
-    """What a checkpoint carries besides weights: progress, time already spent, loss history."""
-
-    phase: str = "vae"  # vae -> dit -> done
-    vae_step: int = 0
-    dit_step: int = 0
-    elapsed: float = 0.0  # seconds of budget spent in earlier sessions
-    vae_seconds: float = 0.0
-    dit_seconds: float = 0.0
-    dit_progress: float = 0.0  # position in the LR schedule, 0..1
-    vae_history: list = dataclasses.field(default_factory=list)  # [step, loss, elapsed]
-    dit_history: list = dataclasses.field(default_factory=list)  # [step, loss, elapsed]
-    vae_recon: dict = dataclasses.field(default_factory=dict)
-    latent_stats: dict = dataclasses.field(default_factory=dict)
 
 
 class _Stop:
@@ -172,120 +78,9 @@ class _Stop:
             signal.signal(sig, old)
 
 
-class _Bar:
-    """A tqdm bar over the phase's time budget (seconds), shown only on a terminal; log lines do the rest."""
-
-    def __init__(self, desc: str, total_s: float):
-        from tqdm import tqdm
-
-        self._bar = tqdm(total=max(1, round(total_s)), desc=desc, unit="s", dynamic_ncols=True,
-                         disable=not sys.stderr.isatty(), bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s {postfix}")
-        self._start = time.time()
-
-    def update(self, **postfix) -> None:
-        self._bar.n = min(self._bar.total, round(time.time() - self._start))
-        self._bar.set_postfix(postfix, refresh=True)
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-class _BatchStream(torch.utils.data.IterableDataset):
-    """Ready batches for consecutive steps of the train stream, built on CPU (in DataLoader workers).
-
-    Each item: ``params`` (B, 3, 5) int32 scene parameters for :func:`render`, and with
-    tokenizers also ``clip_ids`` (B, 77) / ``t5_ids`` (B, L) of the captions, a
-    ``cfg_dropout`` share of them replaced by "" (the pipeline's negative prompt). Step ``s``
-    always holds the same scenes and drops (seeded by ``seed, s``), however many workers.
-    """
-
-    def __init__(self, first_step: int, batch: int, offset: int = 0, tokenizers=None, max_sequence_length: int = 32,
-                 cfg_dropout: float = 0.0, seed: int = 0):
-        self.first_step, self.batch, self.offset = first_step, batch, offset
-        self.tokenizers, self.max_sequence_length = tokenizers, max_sequence_length
-        self.cfg_dropout, self.seed = cfg_dropout, seed
-
-    def make(self, step: int) -> dict[str, torch.Tensor]:
-        specs = [sample_spec(self.offset + step * self.batch + i, TRAIN_SEED) for i in range(self.batch)]
-        item = {"params": scene_params(specs)}
-        if self.tokenizers is not None:
-            drop = np.random.default_rng([self.seed, step, 7]).random(self.batch) < self.cfg_dropout
-            captions = ["" if d else s.caption for s, d in zip(specs, drop)]
-            clip, t5 = self.tokenizers
-            # Exactly the pipeline's tokenizer calls (StableDiffusion3Pipeline._get_clip/_get_t5_prompt_embeds).
-            item["clip_ids"] = clip(captions, padding="max_length", max_length=clip.model_max_length,
-                                    truncation=True, return_tensors="pt").input_ids
-            item["t5_ids"] = t5(captions, padding="max_length", max_length=self.max_sequence_length,
-                                truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
-        return item
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        step = self.first_step + worker
-        while True:
-            yield self.make(step)
-            step += workers
-
-
-def _batches(stream: _BatchStream, workers: int, pin_memory: bool = False):
-    """Iterate a stream; with ``workers`` > 0 in worker processes (on CUDA the CPU work would stall the GPU)."""
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                         prefetch_factor=4 if workers else None, persistent_workers=False)
-    return iter(loader)
-
-
-def encode_text(pipe, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(prompt_embeds (B, 77 + L, D), pooled (B, 2 * clip_hidden))`` from token ids.
-
-    The model half of ``StableDiffusion3Pipeline.encode_prompt`` (clip_skip None: CLIP's
-    penultimate hidden states, pooled text_embeds; CLIP padded to T5's width and put first),
-    so tokenizing can happen in workers. Tested equal to ``encode_prompt``.
-    """
-    hidden, pooled = [], []
-    for enc in (pipe.text_encoder, pipe.text_encoder_2):
-        out = enc(clip_ids, output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled.append(out[0])
-    clip = torch.cat(hidden, dim=-1)  # (B, 77, 2 * clip_hidden)
-    t5 = pipe.text_encoder_3(t5_ids)[0]  # (B, L, D)
-    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
-
-
-# ----------------------------------------------------------------------------------------- helpers
-
-
-def _autocast(tc: TrainConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(tc.amp))
-
-
 def _atomic_save(obj: Any, path: Path) -> None:
     with atomic_output(path) as tmp:
         torch.save(obj, tmp)
-
-
-def _lr_factor(step: int, warmup: int, progress: float) -> float:
-    """Linear warm-up, then cosine from 1 to 0.1 as ``progress`` goes 0 -> 1."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-
-
-def _fused_ok(device: torch.device) -> dict:
-    return {"fused": True} if device.type == "cuda" else {}
-
-
-def _compile_blocks(transformer, undo: bool = False) -> bool:
-    """Regional compilation: ``torch.compile`` each JointTransformerBlock in place (one graph serves the
-    identical blocks, so it compiles in well under a minute); ``undo`` restores eager calls.
-    The state dict is untouched either way. Returns whether the blocks are now compiled."""
-    for block in transformer.transformer_blocks:
-        if undo:
-            block._compiled_call_impl = None  # what nn.Module.compile sets; None = eager
-        else:
-            block.compile()
-    return not undo
 
 
 def _summarise(history: list, points: int = 40) -> list:
@@ -293,199 +88,6 @@ def _summarise(history: list, points: int = 40) -> list:
         return history
     idx = np.linspace(0, len(history) - 1, points).round().astype(int)
     return [history[i] for i in sorted(set(idx.tolist()))]
-
-
-# ----------------------------------------------------------------------------------------- phases
-
-
-def _vae_recon_score(vae, tc: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Checker accuracy and MSE of VAE reconstructions of held-out images."""
-    n = tc.eval_n
-    vae.eval()
-    specs = [sample_spec(i, EVAL_SEED) for i in range(n)]
-    recon, mse = [], []
-    with torch.no_grad(), _autocast(tc, device):
-        for start in range(0, n, 64):
-            x = to_model_input(render(specs[start : start + 64], device))
-            y = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
-            mse.append(F.mse_loss(y, x).item())
-            recon.append(to_uint8(y))
-    vae.train()
-    result = score(np.concatenate(recon), specs)
-    result["mse"] = float(np.mean(mse))
-    return result
-
-
-def train_vae(pipe, tc: TrainConfig, state: RunState, clock, stop: _Stop, device, checkpoint) -> None:
-    """Phase 1 (not resumable mid-way: it is short). Sets the VAE's shift/scale factors."""
-    vae = pipe.vae
-    vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=tc.vae_lr, weight_decay=0.0, betas=(0.9, 0.99), **_fused_ok(device))
-    vae_budget = 60.0 * (tc.vae_minutes if tc.vae_minutes is not None else min(1.0, max(0.25, 0.1 * tc.minutes)))
-    eval_every = 250 if device.type == "cuda" else 100
-    batches = _batches(_BatchStream(state.vae_step, tc.vae_batch, offset=10**9), tc.workers, device.type == "cuda")
-    t_phase, s_phase, window = clock(), state.vae_step, []
-    logger.info("vae: up to %d steps / %.0f s, batch %d", tc.vae_steps, vae_budget, tc.vae_batch)
-    bar = _Bar("vae", vae_budget)
-    try:
-        while state.vae_step < tc.vae_steps and not stop.flag:
-            if state.vae_seconds + (clock() - t_phase) >= vae_budget:
-                break
-            scene = next(batches)["params"]
-            x = to_model_input(render(scene, device))
-            with _autocast(tc, device):
-                post = vae.encode(x).latent_dist
-                y = vae.decode(post.sample()).sample.float()
-            kl = post.kl().mean() / post.mean[0].numel()
-            loss = F.l1_loss(y, x) + F.mse_loss(y, x) + tc.kl_weight * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            for g in opt.param_groups:
-                g["lr"] = tc.vae_lr * min(1.0, (state.vae_step + 1) / 100)
-            opt.step()
-            state.vae_step += 1
-            window.append(loss.detach())
-            bar.update(step=state.vae_step)
-            if state.vae_step % tc.log_every == 0:
-                mean = torch.stack(window).mean().item()
-                window.clear()
-                state.vae_history.append([state.vae_step, round(mean, 5), round(clock(), 1)])
-                rate = (state.vae_step - s_phase) / max(clock() - t_phase, 1e-6)
-                logger.info("vae step %d | loss %.4f | %.1f step/s | %.0fs", state.vae_step, mean, rate, clock())
-            if state.vae_step % eval_every == 0:
-                rec = _vae_recon_score(vae, tc, device)
-                logger.info("vae step %d | recon mse %.5f | checker mean %.3f image %.3f",
-                            state.vae_step, rec["mse"], rec["mean"], rec["image"])
-                if rec["image"] == 1.0 and rec["mse"] < 1.5e-3 and state.vae_step >= 2 * eval_every:
-                    logger.info("vae: reconstructions check 100%%, stopping early")
-                    break
-    finally:
-        bar.close()
-        del batches  # stops the workers
-    state.vae_seconds += clock() - t_phase
-    vae.eval().requires_grad_(False)
-    state.vae_recon = _vae_recon_score(vae, tc, device)
-    # SD3 convention: latents = (z - shift_factor) * scaling_factor have zero mean, unit std.
-    zs, (n_batches, size) = [], ((1, 8) if tc.smoke else (4, 64))
-    with torch.no_grad(), _autocast(tc, device):
-        for k in range(n_batches):
-            x = to_model_input(render([sample_spec(10**8 + k * size + i) for i in range(size)], device))
-            zs.append(vae.encode(x).latent_dist.sample().float())
-    z = torch.cat(zs)
-    shift, scale = z.mean().item(), 1.0 / z.std().item()
-    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    state.latent_stats = {"shift_factor": shift, "scaling_factor": scale, "channel_std": z.std(dim=(0, 2, 3)).tolist()}
-    logger.info("vae done: %d steps, %.0fs, recon %s, latent shift %.4f scale %.4f",
-                state.vae_step, state.vae_seconds, {k: round(v, 4) for k, v in state.vae_recon.items()}, shift, scale)
-    state.phase = "dit"
-    checkpoint(None)
-
-
-def train_dit(pipe, tc: TrainConfig, mcfg: ModelConfig, state: RunState, opt_state, ema, clock, stop, device,
-              checkpoint) -> None:
-    tr, vae = pipe.transformer, pipe.vae
-    tr.train().requires_grad_(True)
-    vae.eval().requires_grad_(False)
-    params = [p for p in tr.parameters()]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=0.0, betas=(0.9, 0.99), **_fused_ok(device))
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-    compiled = _compile_blocks(tr) if tc.compile else False
-    shift_f, scale_f = vae.config.shift_factor, vae.config.scaling_factor
-    deadline = tc.minutes * 60.0 - tc.reserve_s  # on the run's clock (earlier sessions included)
-    t_phase, seconds0, progress0 = clock(), state.dit_seconds, state.dit_progress
-    span = max(deadline - t_phase, 1.0)  # time left for this phase: the LR schedule runs over it
-
-    def progress() -> float:
-        by_time = progress0 + (1.0 - progress0) * (clock() - t_phase) / span
-        return max(by_time, state.dit_step / tc.steps if tc.steps else 0.0)
-
-    def save(opt) -> None:
-        state.dit_seconds, state.dit_progress = seconds0 + clock() - t_phase, min(progress(), 1.0)
-        checkpoint(opt)
-
-    last_ckpt, window, t_log, s_log = time.time(), [], clock(), state.dit_step
-    clip_tok = pipe.tokenizer
-    stream = _BatchStream(state.dit_step, tc.batch, tokenizers=(clip_tok, pipe.tokenizer_3),
-                          max_sequence_length=mcfg.max_sequence_length, cfg_dropout=tc.cfg_dropout, seed=tc.seed)
-    batches = _batches(stream, tc.workers, device.type == "cuda")
-    logger.info("dit: batch %d, lr %.1e, until %s, %.0fs left", tc.batch, tc.lr,
-                f"step {tc.steps}" if tc.steps else "time", deadline - clock())
-    skipped = 0
-    bar = _Bar("dit", deadline - clock())
-    try:
-        while not stop.flag:
-            if tc.steps is not None and state.dit_step >= tc.steps:
-                break
-            if clock() >= deadline and not tc.smoke:  # a smoke run always does its few steps
-                break
-            item = next(batches)
-            with torch.no_grad():
-                x = to_model_input(render(item["params"], device))
-                with _autocast(tc, device):
-                    z = vae.encode(x).latent_dist.sample().float()
-                z = (z - shift_f) * scale_f
-                prompt_embeds, pooled = encode_text(pipe, item["clip_ids"].to(device, non_blocking=True),
-                                                    item["t5_ids"].to(device, non_blocking=True))
-                noise = torch.randn_like(z)
-                t = torch.sigmoid(torch.randn(z.shape[0], device=device))  # logit-normal(0, 1)
-                t = mcfg.shift * t / (1 + (mcfg.shift - 1) * t)  # same shift as the sampler's sigmas
-                tb = t.view(-1, 1, 1, 1)
-                x_t = (1 - tb) * z + tb * noise
-            opt.zero_grad(set_to_none=True)
-            try:
-                with _autocast(tc, device):
-                    pred = tr(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=prompt_embeds,
-                              pooled_projections=pooled, return_dict=False)[0]
-                loss = F.mse_loss(pred.float(), noise - z)
-                loss.backward()
-            except Exception:  # a compiler failure must not cost the run: fall back to eager, redo the step
-                if not compiled:
-                    raise
-                logger.exception("torch.compile failed; continuing eager")
-                compiled = _compile_blocks(tr, undo=True)
-                opt.zero_grad(set_to_none=True)
-                with _autocast(tc, device):
-                    pred = tr(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=prompt_embeds,
-                              pooled_projections=pooled, return_dict=False)[0]
-                loss = F.mse_loss(pred.float(), noise - z)
-                loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            if not torch.isfinite(gnorm):
-                skipped += 1
-                if skipped > 20:
-                    raise FloatingPointError(f"20 non-finite gradients by step {state.dit_step}; lower --lr")
-                continue
-            factor = _lr_factor(state.dit_step, tc.warmup, progress())
-            for g in opt.param_groups:
-                g["lr"] = tc.lr * factor
-            opt.step()
-            decay = min(tc.ema, (1 + state.dit_step) / (10 + state.dit_step))
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
-            state.dit_step += 1
-            window.append(loss.detach())
-            if state.dit_step % 10 == 0:
-                bar.update(step=state.dit_step, loss=f"{state.dit_history[-1][1]:.4f}" if state.dit_history else "-")
-            if state.dit_step % tc.log_every == 0:
-                mean = torch.stack(window).mean().item()
-                window.clear()
-                now = clock()
-                rate = (state.dit_step - s_log) / max(now - t_log, 1e-6)
-                t_log, s_log = now, state.dit_step
-                state.dit_history.append([state.dit_step, round(mean, 5), round(now, 1)])
-                logger.info("dit step %d | loss %.4f | %.2f step/s %.0f img/s | lr %.2e | gnorm %.2f | %.0fs / %.0fs",
-                            state.dit_step, mean, rate, rate * tc.batch, opt.param_groups[0]["lr"], gnorm.item(),
-                            now, tc.minutes * 60)
-            if tc.ckpt_minutes > 0 and time.time() - last_ckpt >= tc.ckpt_minutes * 60:
-                save(opt)
-                last_ckpt = time.time()
-    finally:
-        bar.close()
-        del batches
-        if compiled:  # sampling runs eager: no recompiles for no-grad / other batch sizes
-            _compile_blocks(tr, undo=True)
-    save(opt)
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -650,8 +252,8 @@ def finish(pipe, tc, mcfg, state, ema, clock, device, n_params, argv, out: Path)
         "model_dir": str(model_dir),
     }
     text = json.dumps(report, indent=2) + "\n"
-    (out / "training.json").write_text(text)
-    (model_dir / "training.json").write_text(text)
+    atomic_write_text(out / "training.json", text)
+    atomic_write_text(model_dir / "training.json", text)
     logger.info("saved %s (weights %s, guidance %g, eval mean %.3f) in %.0fs total",
                 model_dir, which, guidance, report["chosen"]["mean"], clock())
     if tc.pack_to:
@@ -659,13 +261,13 @@ def finish(pipe, tc, mcfg, state, ema, clock, device, n_params, argv, out: Path)
 
         dest = Path(tc.pack_to)
         pack(model_dir, dest)
-        (dest / "training.json").write_text(text)
+        atomic_write_text(dest / "training.json", text)
         if (out / "samples.png").is_file():
             (dest / "samples.png").write_bytes((out / "samples.png").read_bytes())
     return report
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m tokprune.yardstick.train", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--out", required=True, help="run directory: checkpoint.pt, training.json, model/")
@@ -693,7 +295,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ap.add_argument("--amp", dest="amp", action="store_true", help="bf16 autocast (default on cuda)")
     ap.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
     ap.add_argument("--smoke", action="store_true", help="tiny model, a few steps: checks the whole path")
-    a = ap.parse_args(argv)
+    return add_common(ap)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The :class:`TrainConfig` of a command line (``--help`` lists the flags)."""
+    return config_from_args(build_parser().parse_args(argv))
+
+
+def config_from_args(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         out=a.out, device=a.device, minutes=a.minutes if a.minutes is not None else (0.5 if a.smoke else 8.0),
         steps=a.steps, vae_steps=a.vae_steps, vae_minutes=a.vae_minutes, batch=a.batch, vae_batch=a.vae_batch,
@@ -704,15 +314,18 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m tokprune.yardstick.train`` through the shared CLI runner: 0 ok, 1 failure, 2 bad input,
+    130 interrupted (a first Ctrl-C stops after the step and saves; re-run the command to resume)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # batches are tokenized in forked workers
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    args = argv if argv is not None else sys.argv[1:]
-    report = run(parse_args(args), args)
-    print(json.dumps({"model_dir": report["model_dir"], "chosen": report["chosen"],
-                      "transformer_steps": report["transformer"]["steps"], "total_seconds": report["total_seconds"]}))
-    return 0
+    words = list(argv if argv is not None else sys.argv[1:])
+
+    def body(a: argparse.Namespace) -> int:
+        report = run(config_from_args(a), words)
+        print(json.dumps({"model_dir": report["model_dir"], "chosen": report["chosen"],
+                          "transformer_steps": report["transformer"]["steps"], "total_seconds": report["total_seconds"]}))
+        return 0
+
+    return run_cli(build_parser(), words, body, interrupted_hint="re-run the same command to resume from the checkpoint")
 
 
 if __name__ == "__main__":

@@ -18,13 +18,10 @@ from tokprune.yardstick.model import (
     load_pipeline,
 )
 from tokprune.yardstick.pack import pack, unpack
-from tokprune.yardstick.train import (
-    TrainConfig,
-    _batches,
-    _BatchStream,
-    encode_text,
-    run,
-)
+from tokprune.yardstick.train import TrainConfig, run
+from tokprune.yardstick.train_data import BatchStream as _BatchStream
+from tokprune.yardstick.train_data import batches as _batches
+from tokprune.yardstick.train_data import encode_text
 
 
 def test_every_word_is_one_token_and_captions_fit():
