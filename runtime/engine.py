@@ -417,12 +417,13 @@ class EngineTransformer(torch.nn.Module):
     def _check_steps(self) -> None:
         n = scheduler_steps(self._pruner.scheduler)
         if n is not None and n != self.plan.num_steps:
+            from tokprune.export.command import export_command
+
             data = self._engines.manifest.data
             raise ConfigError(
                 f"the pipeline runs {int(n)} denoising steps but the engines in {self._engines.directory} were scheduled "
                 f"for {self.plan.num_steps}; call it with num_inference_steps={self.plan.num_steps}, or build engines "
-                f"for {int(n)} steps: tokprune-export --model {data['model']['ref']} --height {data['height']} "
-                f"--width {data['width']} --steps {int(n)} --budget {data['budget']:g}"
+                f"for {int(n)} steps: {export_command(data, steps=int(n))}"
             )
 
     def _leave(self, starts: bool) -> None:
