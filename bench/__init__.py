@@ -3,7 +3,7 @@
 - :mod:`~tokprune.bench.scenario`: what to run, as dataclasses (:class:`GridScenario` for an export,
   :class:`LoopScenario` for a bare transformer in a denoising loop);
 - :mod:`~tokprune.bench.harness`: the one harness (sync, warm-up, repeats, step/call timers, peak memory,
-  process isolation for thread counts, the environment record);
+  process isolation for thread counts; the environment record is :mod:`tokprune.environment`);
 - :mod:`~tokprune.bench.metrics`: fidelity vs the reference run (PSNR / SSIM from :mod:`tokprune.yardstick.metrics`);
 - :mod:`~tokprune.bench.grid` / :mod:`~tokprune.bench.arms`: ``tokprune-bench``'s backend x dense/pruned grid;
 - :mod:`~tokprune.bench.report`: markdown tables and plots; :mod:`~tokprune.bench.cli`: ``tokprune-bench``;

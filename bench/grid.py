@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from tokprune.bench.arms import Arm, Sample, build_arms
-from tokprune.bench.harness import CallTimer, PeakMemory, StepTimer, Summary, device_sync, environment, median
+from tokprune.bench.harness import CallTimer, PeakMemory, StepTimer, Summary, device_sync, median
 from tokprune.bench.metrics import fidelity, finite
 from tokprune.bench.scenario import GridScenario
 
@@ -309,6 +309,8 @@ def _acceptance(rows: list[dict[str, Any]], buckets: list[dict[str, Any]]) -> di
 
 def _meta(scenario: GridScenario, manifest: Any, settings: dict[str, Any], device: torch.device,
           command: str | None) -> dict[str, Any]:
+    from tokprune.environment import environment
+
     g = manifest.geometry
     env = environment(device)
     return {
@@ -328,7 +330,7 @@ def _meta(scenario: GridScenario, manifest: Any, settings: dict[str, Any], devic
         "runs": scenario.runs,
         "warmup": scenario.warmup,
         "device": str(device),
-        "cpu_count": env["cpu_count"],
+        "cpu_count": env["cpus"],
         "torch_threads": env["torch_threads"],
         "load_average_at_end": env["load_average"],
         "platform": env["platform"],

@@ -10,7 +10,6 @@
 - :func:`run_isolated`: one measurement in a fresh Python process with its own thread count
   (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` are read once, at import: a process cannot change them later),
   returning the JSON object the child prints last;
-- :func:`environment`: what the numbers were measured on (versions, CPU, load, time).
 
 Example::
 
@@ -27,7 +26,6 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,8 +41,8 @@ from tokprune.errors import ConfigError, TokpruneError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CallTimer", "PeakMemory", "StepTimer", "Summary", "device_sync", "environment", "median", "quantile",
-    "run_isolated", "time_repeats",
+    "CallTimer", "PeakMemory", "StepTimer", "Summary", "device_sync", "median", "quantile", "run_isolated",
+    "time_repeats",
 ]
 
 
@@ -218,28 +216,3 @@ def run_isolated(module: str, args: Sequence[str], *, threads: int | None = None
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise TokpruneError(f"isolated run {' '.join(cmd)} exited {done.returncode}: {tail}; run it by hand to see why")
     return json.loads(lines[-1])
-
-
-def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Versions, processor, threads and load of this run (what every report records)."""
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("diffusers", "onnxruntime"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = None
-    device = torch.device(device)
-    try:
-        load = list(os.getloadavg())
-    except OSError:
-        load = None
-    return {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": load,
-        "platform": platform.platform(),
-        "versions": versions,
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from tokprune.bench.harness import environment
 from tokprune.bench.loop import Loop
 from tokprune.bench.scenario import LOOP_MODES, LoopScenario
+from tokprune.environment import environment
 
 __all__ = ["build_parser", "main", "run_scenario"]
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from tokprune.bench.harness import PeakMemory, device_sync, environment, run_isolated, time_repeats
+from tokprune.bench.harness import PeakMemory, device_sync, run_isolated, time_repeats
+from tokprune.environment import environment
 
 __all__ = ["main"]
 

@@ -11,7 +11,6 @@ from tokprune.bench.harness import (
     StepTimer,
     Summary,
     device_sync,
-    environment,
     quantile,
     run_isolated,
     time_repeats,
@@ -73,11 +72,6 @@ def test_run_isolated_gets_its_own_thread_count():
     assert out == {"omp": "2", "threads": 2}
     with pytest.raises(TokpruneError, match="exited"):
         run_isolated("tests.bench.no_such_module", [], timeout=60)
-
-
-def test_environment_records_versions():
-    env = environment("cpu")
-    assert env["versions"]["torch"] == torch.__version__ and env["cpu_count"] >= 1 and env["time_utc"].endswith("Z")
 
 
 @pytest.mark.parametrize("kwargs, needle", [
