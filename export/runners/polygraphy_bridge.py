@@ -85,13 +85,18 @@ class PolygraphyRunner(Runner):
                  name: str | None = None) -> PolygraphyRunner:
         """One engine file (optimisation ``profile``) in polygraphy's ``TrtRunner``; outputs stay on the GPU."""
         trt = _import("polygraphy.backend.trt")
-        engine = trt.EngineFromBytes(trt.BytesFromPath(str(engine_path)))
+        common = _import("polygraphy.backend.common")
+        engine = trt.EngineFromBytes(common.BytesFromPath(str(engine_path)))  # lazy: read and deserialised on activate
         runner = trt.TrtRunner(engine, name=name, optimization_profile=profile)
         return cls(runner, spec, backend=Backend.TENSORRT, device=device, aliases_outputs=True,
                    infer_kwargs={"copy_outputs_to_host": False}, name=name)
 
     # ---- hooks ---------------------------------------------------------------------------------
     def activate_impl(self) -> None:
+        if self.backend == Backend.TENSORRT:  # say what is missing before polygraphy tries to import it
+            from tokprune.export.runners.trt import require_tensorrt_runtime
+
+            require_tensorrt_runtime()
         self.runner.activate()
         try:
             try:

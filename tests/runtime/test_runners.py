@@ -131,6 +131,17 @@ def test_polygraphy_runner_refuses_another_buckets_graph(manifest, pruned_spec):
     assert not runner.is_active and not runner.runner.is_active
 
 
+def test_polygraphy_tensorrt_runner_is_built_lazily_and_refused_without_tensorrt(tmp_path, pruned_spec):
+    from polygraphy.backend.trt import TrtRunner as PolygraphyTrtRunner
+
+    runner = PolygraphyRunner.tensorrt(tmp_path / "k0064-t0080.plan", pruned_spec, profile=1, device="cpu")
+    assert isinstance(runner.runner, PolygraphyTrtRunner) and runner.runner.optimization_profile == 1
+    assert runner.backend is Backend.TENSORRT and runner.aliases_outputs  # polygraphy reuses its device buffers
+    with pytest.raises(BackendUnavailableError, match=r"TensorRT is not installed.*--backend onnxruntime"):
+        runner.activate()  # this host has no TensorRT: refused before polygraphy tries to import it
+    assert not runner.is_active
+
+
 class CountingRunner(Runner):
     """A backend of the test's own (the extension hook): ONNX Runtime underneath, calls counted."""
 
