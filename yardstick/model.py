@@ -296,13 +296,19 @@ class YardstickMeta:
 
     def generation_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``pipe(prompt, **kwargs)`` matching training."""
-        return {
-            "height": self.height,
-            "width": self.width,
-            "num_inference_steps": self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
-            "max_sequence_length": self.max_sequence_length,
-        }
+        return call_kwargs(steps=self.num_inference_steps, guidance=self.guidance_scale, height=self.height,
+                           width=self.width, max_sequence_length=self.max_sequence_length)
+
+
+def call_kwargs(*, steps: int, guidance: float, height: int, width: int, max_sequence_length: int) -> dict[str, Any]:
+    """The pipeline's keyword arguments for these sampling settings (every yardstick call is made with them)."""
+    return {
+        "height": height,
+        "width": width,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "max_sequence_length": max_sequence_length,
+    }
 
 
 def save_pipeline(pipe, directory: str | Path, meta: YardstickMeta, transformer_dtype=torch.float16) -> Path:

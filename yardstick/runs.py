@@ -47,13 +47,9 @@ class Call:
     max_sequence_length: int
 
     def kwargs(self) -> dict[str, Any]:
-        return {
-            "num_inference_steps": self.steps,
-            "guidance_scale": self.guidance,
-            "height": self.height,
-            "width": self.width,
-            "max_sequence_length": self.max_sequence_length,
-        }
+        from tokprune.yardstick.model import call_kwargs
+
+        return call_kwargs(**asdict(self))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
