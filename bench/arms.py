@@ -1,4 +1,5 @@
-"""The arms of the benchmark grid: what ``pipe.transformer`` is for each (backend, dense/pruned) cell.
+"""The arms of the benchmark grid: what the pipeline's denoiser (``pipe.transformer`` / ``pipe.unet``, its
+model family's ``denoiser_attr``) is for each (backend, dense/pruned) cell.
 
 ============== ===================================================================================
 backend        dense / pruned
@@ -119,17 +120,19 @@ def _runtime_arms(backend: str, engines: Path, device: torch.device, scenario: G
 def build_arms(scenario: GridScenario, pipe: Any, manifest: Any, device: torch.device) -> list[Arm]:
     """Every arm of ``scenario`` on ``pipe``: eager dense first (the baseline), then per backend dense and pruned."""
     from tokprune import pruning
+    from tokprune.pruning.family import family_for
 
+    attr = family_for(pipe).denoiser_attr  # "transformer" or "unet"
     engines = Path(scenario.engines)
     steps = int(manifest.data["steps"])
     dkey = dense_key(manifest)
     step_keys = [k or "reuse" for k in manifest.data["step_buckets"]]
-    original = pipe.transformer
+    original = getattr(pipe, attr)
     schedule = manifest.schedule()
 
     def restore(p: Any) -> None:
         pruning.remove(original)  # the original module, never a compiled wrapper (its forward is an attribute)
-        p.transformer = original
+        setattr(p, attr, original)
 
     arms = [Arm("eager", False, None, restore, [dkey] * steps, 1.0)]
     for backend in scenario.backends:
@@ -143,7 +146,7 @@ def build_arms(scenario: GridScenario, pipe: Any, manifest: Any, device: torch.d
             compiled = torch.compile(original, dynamic=False)
 
             def install_compiled(p: Any, compiled: Any = compiled) -> None:
-                p.transformer = compiled
+                setattr(p, attr, compiled)
 
             arms.append(Arm("compile", False, install_compiled, restore, [dkey] * steps, 1.0))
             arms.extend(_runtime_arms("compile", engines, device, scenario, original, manifest))

@@ -2,7 +2,8 @@
 
 Every cell ("arm", :mod:`tokprune.bench.arms`) runs the same pipeline — same prompts, seeds,
 resolution, steps, guidance and T5 length, all taken from the export's manifest — with only
-``pipe.transformer`` swapped.
+the pipeline's denoiser swapped. The call is the family's (:class:`~tokprune.pruning.family.ModelFamily`:
+which module is the denoiser, which keyword sets the text length), so any family's export runs.
 
 Arms are interleaved round by round (warm-ups first), so slow drifts of a shared machine hit
 every arm alike; speedups are ratios measured in the same run. Per arm: denoising-loop time
@@ -31,9 +32,11 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,17 +68,34 @@ class BenchResult:
         return {"meta": self.meta, "rows": self.rows, "buckets": self.buckets, "acceptance": self.acceptance}
 
 
+def _step_end(pipe: Any, steps: int, on_last: Callable[[torch.Tensor], None]) -> dict[str, Any]:
+    """The call keywords that report the latents after the last scheduler step, in the pipeline's own style
+    (``callback_on_step_end`` where it has it, else the older ``callback`` of e.g. PixArt)."""
+    params = inspect.signature(pipe.__call__).parameters
+    if "callback_on_step_end" in params:
+        def on_step_end(_pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if i == steps - 1:
+                on_last(kwargs["latents"])
+            return {}
+        return {"callback_on_step_end": on_step_end}
+
+    def callback(i: int, _t: Any, latents: torch.Tensor) -> None:
+        if i == steps - 1:
+            on_last(latents)
+    return {"callback": callback, "callback_steps": 1}
+
+
 def _generate(pipe: Any, prompt: str, seed: int, settings: dict[str, Any], device: torch.device, arm: Arm) -> Sample:
-    """One generation, timed per transformer call on whatever ``pipe.transformer`` is now."""
+    """One generation, timed per denoiser call on whatever the pipeline's denoiser is now."""
+    from tokprune.pruning.family import family_for
+
     sync = device_sync(device)
     marks: dict[str, Any] = {"loop_end": None, "latents": None}
 
-    def on_step_end(_pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if i == settings["steps"] - 1:
-            sync()
-            marks["loop_end"] = time.perf_counter()
-            marks["latents"] = kwargs["latents"].detach().float().cpu().clone()
-        return {}
+    def on_last(latents: torch.Tensor) -> None:
+        sync()
+        marks["loop_end"] = time.perf_counter()
+        marks["latents"] = latents.detach().float().cpu().clone()
 
     timer = None
     if arm.view is not None:
@@ -83,7 +103,7 @@ def _generate(pipe: Any, prompt: str, seed: int, settings: dict[str, Any], devic
         arm.view.executor.timer = timer
     memory = PeakMemory(device)
     try:
-        with StepTimer(pipe.transformer, sync) as steps:
+        with StepTimer(family_for(pipe).denoiser(pipe), sync) as steps:
             memory.start()
             sync()
             t0 = time.perf_counter()
@@ -94,10 +114,10 @@ def _generate(pipe: Any, prompt: str, seed: int, settings: dict[str, Any], devic
                     width=settings["width"],
                     num_inference_steps=settings["steps"],
                     guidance_scale=settings["guidance"],
-                    max_sequence_length=settings["max_sequence_length"],
+                    **settings["call"],
                     generator=torch.Generator(device="cpu").manual_seed(seed),
                     output_type="np",
-                    callback_on_step_end=on_step_end,
+                    **_step_end(pipe, settings["steps"], on_last),
                 )
             sync()
             e2e = time.perf_counter() - t0
@@ -122,6 +142,7 @@ def run_bench(scenario: GridScenario, *, command: str | None = None) -> BenchRes
     from tokprune.runtime.verify import verify_export
 
     from tokprune.models import load_pipeline
+    from tokprune.pruning.family import family_for
 
     device = torch.device(scenario.device)
     if scenario.threads is not None:
@@ -131,13 +152,12 @@ def run_bench(scenario: GridScenario, *, command: str | None = None) -> BenchRes
     g = manifest.geometry
     pipe = load_pipeline(data["model"]["ref"], device=device)
     pipe.set_progress_bar_config(disable=True)
-    clip_len = int(pipe.tokenizer.model_max_length)
     settings = {
         "height": int(data["height"]),
         "width": int(data["width"]),
         "steps": int(data["steps"]),
         "guidance": float(data["guidance"]),
-        "max_sequence_length": g.text_tokens - clip_len,
+        "call": family_for(pipe).call_kwargs(pipe, g),  # the text length the engines were built for
     }
     arms = build_arms(scenario, pipe, manifest, device)
     reference = _interleave(scenario, pipe, settings, device, arms)
@@ -317,7 +337,7 @@ def _meta(scenario: GridScenario, manifest: Any, settings: dict[str, Any], devic
         "command": command,
         "engines": str(scenario.engines),
         "model": manifest.data["model"],
-        "settings": settings,
+        "settings": {**{k: v for k, v in settings.items() if k != "call"}, **settings["call"]},
         "image_tokens": g.num_tokens,
         "text_tokens": g.text_tokens,
         "batch": g.batch,
