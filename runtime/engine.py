@@ -42,9 +42,9 @@ import torch
 from tokprune.export.runners.base import Runner
 from tokprune.export.spec import RUNTIME_BACKENDS, Backend, BucketSpec, bucket_key
 from tokprune.pruning.forward import StepOutput, scatter_rows
-from tokprune.pruning.geometry import Geometry
 from tokprune.pruning.plan import PrunePlan
 from tokprune.pruning.sampler import RunState, StepInputs, TokenPruner, scheduler_steps
+from tokprune.runtime.caches import PooledCachePruner
 from tokprune.runtime.layout import (
     LoadedEngines,
     RunnerFactory,
@@ -198,31 +198,6 @@ class EngineExecutor:
         return noise, mass
 
 
-class _EnginePruner(TokenPruner):
-    """TokenPruner whose caches come from a per-view pool in the engines' dtype (no per-run allocation).
-
-    Step 0 of every schedule is dense and rewrites every cache row, so pooled caches are not zeroed.
-    """
-
-    def __init__(self, *args: Any, cache_dtype: torch.dtype, use_caches: bool, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._cache_dtype = cache_dtype
-        self._use_caches = use_caches
-        self._pool: tuple[Geometry, torch.device, dict[str, torch.Tensor]] | None = None
-
-    def allocate_caches(self, geometry: Geometry, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        if not self._use_caches:
-            return {}
-        if self._pool is not None and self._pool[0] == geometry and self._pool[1] == device:
-            return self._pool[2]
-        caches = {
-            name: torch.zeros(shape, device=device, dtype=self._cache_dtype)
-            for name, shape in geometry.cache_specs(self.reuse).items()
-        }
-        self._pool = (geometry, device, caches)
-        return caches
-
-
 # ---- the module ---------------------------------------------------------------------------------
 class EngineTransformer(torch.nn.Module):
     """A diffusers-compatible transformer that runs the exported bucket engines.
@@ -244,7 +219,7 @@ class EngineTransformer(torch.nn.Module):
         self.config = FrozenDict(engines.config)
         plan = engines.plan if self.pruned else PrunePlan.dense(engines.steps)
         self.executor = EngineExecutor(engines, write_caches=self.pruned)
-        self._pruner = _EnginePruner(
+        self._pruner = PooledCachePruner(
             torch.nn.Identity(),  # never called: the executor runs the engines
             plan,
             policy=engines.policy,
