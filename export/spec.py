@@ -47,6 +47,7 @@ Example::
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -334,12 +335,15 @@ class BucketSpec:
         runner (:mod:`tokprune.export.runners`) and of the export's PyTorch reference.
         """
         problems = []
-        expected = {t.name: t for t in self.inputs()}
+        expected = _inputs_by_name(self)
         for name, t in expected.items():
             x = feed.get(name)
             if x is None:
                 problems.append(f"{name}: missing, expected shape {t.shape} {t.dtype}")
                 continue
+            if (isinstance(x, torch.Tensor) and x.shape == t.shape and x.dtype == t.torch_dtype
+                    and (device is None or x.device.type == device.type)):
+                continue  # the common case, without building strings
             shape, dtype = tuple(x.shape), str(getattr(x, "dtype", type(x).__name__)).replace("torch.", "")
             where = getattr(x, "device", None)
             bad_device = device is not None and isinstance(x, torch.Tensor) and x.device.type != device.type
@@ -376,6 +380,19 @@ class BucketSpec:
             precision=Precision.parse(d.get("precision", "fp32")),
             record_text=bool(d.get("record_text", False)),
         )
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_inputs(spec: BucketSpec) -> dict[str, TensorSpec]:
+    return {t.name: t for t in spec.inputs()}
+
+
+def _inputs_by_name(spec: BucketSpec) -> dict[str, TensorSpec]:
+    """The bucket's inputs by name, built once per spec (``check_feed`` runs on every engine call)."""
+    try:
+        return _cached_inputs(spec)
+    except TypeError:  # a geometry with an unhashable field: build it each time
+        return {t.name: t for t in spec.inputs()}
 
 
 def geometry_to_dict(g: Any) -> dict[str, Any]:
