@@ -88,3 +88,15 @@ def test_pixart_sigma_offline_fails_fast_and_clearly(monkeypatch, tmp_path):
     assert time.monotonic() - start < 30
     msg = str(info.value)
     assert "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS" in msg and "offline" in msg and "--model /path/to" in msg
+
+
+def test_generic_loader_resolves_the_family_names(monkeypatch, tmp_path):
+    from tokprune.models import load_pipeline, resolve_model
+
+    assert resolve_model("pixart-tiny").kind == "builtin" and resolve_model("pixart-medium").kind == "builtin"
+    assert resolve_model("pixart-sigma").ref == "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelNotFoundError, match="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"):
+        load_pipeline("pixart-sigma")
