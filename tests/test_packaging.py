@@ -54,6 +54,22 @@ def test_wheel_contains_every_package(wheel):
     assert not any(n.startswith(("tests/", "pruning/", "export/")) for n in names), "folders must install under tokprune/"
 
 
+def test_wheel_ships_no_module_without_a_source_file(wheel):
+    """A module moved or deleted in the tree must not live on in the wheel from an old ``build/`` folder."""
+    import tomllib
+
+    package_dir = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    stale = []
+    for name in zipfile.ZipFile(wheel).namelist():
+        parts = name.split("/")
+        if not name.endswith(".py") or ".dist-info" in parts[0]:
+            continue
+        pkg = next(i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in package_dir)
+        if not (ROOT / package_dir[".".join(parts[:pkg])]).joinpath(*parts[pkg:]).is_file():
+            stale.append(name)
+    assert not stale, f"{stale} have no source file: stale build output; remove build/ (make clean) and rebuild"
+
+
 def test_wheel_in_fresh_venv_runs_a_pruned_step(wheel, tmp_path):
     venv = tmp_path / "venv"
     # Heavy deps (torch, diffusers) come from this environment through a plain path line in a .pth file:
