@@ -103,7 +103,7 @@ class TokenPruner:
 
     def __init__(
         self,
-        transformer: torch.nn.Module,
+        transformer: torch.nn.Module | None,
         plan: PrunePlan,
         *,
         policy: Any = "cat",
@@ -124,7 +124,9 @@ class TokenPruner:
             raise ConfigError(f"reuse={reuse!r}; expected one of {REUSE_MODES}")
         if select_from not in SELECT_FROM:
             raise ConfigError(f"select_from={select_from!r}; expected one of {SELECT_FROM}")
-        self.transformer = transformer
+        if transformer is None and (config is None or family is None or executor is eager_executor):
+            raise ConfigError("TokenPruner(None, ...) runs no module itself: pass config=, family= and an executor=")
+        self.transformer = transformer  # None when the executor runs something else (the runtime's engines)
         self.family = family_for(transformer) if family is None else get_family(family)
         self.plan = plan
         self.policy = make_policy(policy, seed=seed) if isinstance(policy, str) else policy

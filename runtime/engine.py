@@ -220,7 +220,7 @@ class EngineTransformer(torch.nn.Module):
         plan = engines.plan if self.pruned else PrunePlan.dense(engines.steps)
         self.executor = EngineExecutor(engines, write_caches=self.pruned)
         self._pruner = PooledCachePruner(
-            torch.nn.Identity(),  # never called: the executor runs the engines
+            None,  # no module: the executor runs the engines
             plan,
             policy=engines.policy,
             reuse=engines.reuse,
