@@ -56,9 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     tinker = p.add_argument_group("to tinker with")
     tinker.add_argument("--warmup", type=int, default=1, help="unmeasured generations per prompt and arm first (default 1)")
     tinker.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default 0)")
-    tinker.add_argument("--threads", type=int,
+    tinker.add_argument("--threads",
                         help="intra-op threads of torch and ONNX Runtime alike (default: torch's default; "
-                             "1 gives steadier ratios on a shared machine)")
+                             "1 gives steadier ratios on a shared machine); a comma list (1,2) runs the whole grid "
+                             "once per count, each in its own process (thread pools are fixed per process)")
+    tinker.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)  # child of a --threads list
     tinker.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     tinker.add_argument("--make-model", type=Path, metavar="DIR",
                         help="write a random-weight SD3-architecture bench model to DIR (usable as --model DIR) and exit")
@@ -92,14 +94,44 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag, value, low in (("--runs", args.runs, 1), ("--warmup", args.warmup, 0)):
         if value < low:
             raise ConfigError(f"{flag} {value}; expected an int >= {low}")
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads {args.threads}; expected an int >= 1")
+    args.threads = _thread_counts(args.threads)
+    if len(args.threads) > 1 and args.plot is not None:
+        raise ConfigError(f"--plot with --threads {','.join(map(str, args.threads))}: one plot per run; pass one thread count")
     if args.json is not None:
         check_output_file(args.json, flag="--json", extensions=(".json",))
     if args.plot is not None:
         check_output_file(args.plot, flag="--plot", extensions=(".png",))
     if args.markdown is not None:
         check_output_file(args.markdown, flag="--markdown", extensions=(".md", ".markdown", ".txt"))
+
+
+def _thread_counts(value: str | None) -> list[int | None]:
+    """``--threads`` as a list: [None] (torch's default), [n], or several counts."""
+    if value is None:
+        return [None]
+    try:
+        counts = [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"--threads {value}; expected an int >= 1 or a comma list of them, e.g. 1,2")
+    return counts
+
+
+def _per_thread_count(args: argparse.Namespace) -> dict[int, object]:
+    """The whole grid once per thread count, each in a fresh process; results by thread count."""
+    from tokprune.bench.grid import BenchResult
+    from tokprune.bench.harness import run_isolated
+
+    flags = ["--engines", args.engines, "--backends", args.backends, "--runs", args.runs, "--warmup", args.warmup,
+             "--seed", args.seed, "--device", args.device, "--quiet", "--emit-json"]
+    if args.prompts is not None:
+        flags += ["--prompts", args.prompts]
+    out = {}
+    for n in args.threads:
+        data = run_isolated("tokprune.bench.cli", [*flags, "--threads", n], threads=n)
+        out[n] = BenchResult(rows=data["rows"], buckets=data["buckets"], meta=data["meta"], acceptance=data["acceptance"])
+    return out
 
 
 def _run(args: argparse.Namespace, command: str) -> int:
@@ -120,6 +152,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
     prompts = DEFAULT_PROMPTS
     if args.prompts is not None:
         prompts = tuple(read_text_input(args.prompts, flag="--prompts", what="prompt"))
+    if len(args.threads) > 1:
+        return _report_per_thread_count(args, _per_thread_count(args), command)
     scenario = GridScenario(
         engines=args.engines,
         backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
@@ -128,10 +162,13 @@ def _run(args: argparse.Namespace, command: str) -> int:
         warmup=args.warmup,
         seed=args.seed,
         device=args.device,
-        threads=args.threads,
+        threads=args.threads[0],
         progress=not args.quiet,
     )
     result = run_bench(scenario, command=command)
+    if args.emit_json:  # a child of a --threads list: the result as the last stdout line
+        print(json.dumps(result.to_json(), allow_nan=False))
+        return 0
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.json, json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
@@ -144,7 +181,26 @@ def _run(args: argparse.Namespace, command: str) -> int:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.markdown, f"Command: `{command}`\n\n{text}\n")
     print(text)
-    fails = acceptance_failures(result.acceptance)
+    return _acceptance_exit(args, acceptance_failures(result.acceptance))
+
+
+def _report_per_thread_count(args: argparse.Namespace, results: dict, command: str) -> int:
+    """JSON ``{"threads": {n: result}}`` and one markdown section per thread count; acceptance over all."""
+    from tokprune.bench.report import markdown
+
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        data = {"command": command, "threads": {str(n): r.to_json() for n, r in results.items()}}
+        atomic_write_text(args.json, json.dumps(data, indent=2, allow_nan=False) + "\n")
+    text = "\n\n".join(f"### {n} thread{'s' if n != 1 else ''} (own process)\n\n{markdown(r)}" for n, r in results.items())
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.markdown, f"Command: `{command}`\n\n{text}\n")
+    print(text)
+    return _acceptance_exit(args, [f"{n} threads: {f}" for n, r in results.items() for f in acceptance_failures(r.acceptance)])
+
+
+def _acceptance_exit(args: argparse.Namespace, fails: list[str]) -> int:
     if fails and args.require_acceptance:
         logger.error("acceptance failed (--require-acceptance): %s", "; ".join(fails))
         return EXIT_FAILURE

@@ -69,3 +69,18 @@ def test_cat_reference_schedule_for_the_bench():
     sched = cat_reference_schedule("sd3-tiny", budget=0.5, steps=7, max_sequence_length=16, align=16)
     assert sched.plan[:2] == ("k0256-t0093",) * 2 and len(set(sched.plan[2:])) == 1  # 2 dense, then one K
     assert abs(sched.mac_fraction - 0.5) < 0.05 and sched.text_tokens == 93
+
+
+def test_bench_per_thread_count_runs_each_in_its_own_process(pruned_export, tmp_path, capsys):
+    out_json = tmp_path / "threads.json"
+    code = bench_main(["--engines", str(pruned_export), "--backends", "eager,onnxruntime", "--runs", "1", "--warmup", "0",
+                       "--threads", "1,2", "--json", str(out_json), "--quiet"])
+    assert code == 0
+    data = json.loads(out_json.read_text())
+    assert sorted(data["threads"]) == ["1", "2"] and data["command"].startswith("tokprune-bench")
+    for n, result in data["threads"].items():
+        assert result["meta"]["torch_threads"] == int(n)  # each count set in its own process
+        assert {(r["backend"], r["pruned"]) for r in result["rows"]} == {(b, p) for b in ("eager", "onnxruntime")
+                                                                          for p in (False, True)}
+    printed = capsys.readouterr().out
+    assert printed.index("### 1 thread (own process)") < printed.index("### 2 threads (own process)")

@@ -20,6 +20,9 @@ from tests.export.test_safety import one_line_error
     (["--json", "DIR"], "--json"),
     (["--plot", "NOEXT"], "--plot"),
     (["--markdown", "DIR"], "--markdown"),
+    (["--threads", "0"], "--threads 0"),
+    (["--threads", "1,x"], "--threads 1,x"),
+    (["--threads", "1,2", "--plot", "PNG"], "one plot per run"),
 ])
 def test_bench_refuses_bad_input_before_the_model_loads(flags, needle, pruned_export, tmp_path, capsys, monkeypatch):
     import tokprune.bench.grid as bench
@@ -27,7 +30,7 @@ def test_bench_refuses_bad_input_before_the_model_loads(flags, needle, pruned_ex
     monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("the benchmark ran"))
     (tmp_path / "bin").write_bytes(b"\x00\x9f\x92\x96")
     files = {"BINARY": str(tmp_path / "bin"), "MISSING": str(tmp_path / "none"), "DIR": str(tmp_path),
-             "NOEXT": str(tmp_path / "plot")}
+             "NOEXT": str(tmp_path / "plot"), "PNG": str(tmp_path / "plot.png")}
     assert bench_main(["--engines", str(pruned_export), "--quiet", *[files.get(f, f) for f in flags]]) == 2
     one_line_error(capsys.readouterr().err, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
