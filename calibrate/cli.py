@@ -185,6 +185,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _calibrate(calibrate: Any, pipe: Any, prompts: Any, args: argparse.Namespace, ckpt: Path) -> Any:
+    logger.info("measured rollouts are checkpointed in %s (a re-run with the same flags reuses them)", ckpt)
     return calibrate(
         pipe,
         budget=args.budget,
@@ -206,7 +207,7 @@ def _calibrate(calibrate: Any, pipe: Any, prompts: Any, args: argparse.Namespace
         model=args.model,
         allow_reuse=not args.no_reuse_steps,
         progress=not args.quiet,
-        **_checkpoint(calibrate, ckpt),
+        checkpoint_dir=ckpt,
     )
 
 
@@ -223,17 +224,6 @@ def _tidy_checkpoints(ckpt: Path, *, explicit: bool) -> None:
         shutil.rmtree(ckpt, ignore_errors=True)
     else:
         logger.info("kept %s: it holds files the calibration did not write (%s)", ckpt, ", ".join(sorted(names - own)))
-
-
-def _checkpoint(calibrate: object, ckpt: Path) -> dict:
-    from tokprune.export.checks import checkpoint_kwargs
-
-    kwargs = checkpoint_kwargs(calibrate, ckpt)
-    if kwargs:
-        logger.info("measured rollouts are checkpointed in %s (a re-run with the same flags reuses them)", ckpt)
-    else:
-        logger.debug("this calibrate() does not checkpoint; %s is not used", ckpt)
-    return kwargs
 
 
 if __name__ == "__main__":  # pragma: no cover
