@@ -87,3 +87,20 @@ def test_ingress_reruns_a_request_whose_replica_died_once_then_says_so():
     with pytest.raises(ServeFailure) as err:  # the replica's own failure is passed on, not retried
         asyncio.run(run_with_retry(replica([ServeFailure("RuntimeError: x", 500), ok]), req, lost=(_Died,)))
     assert err.value.status == 500
+
+
+def test_sigterm_stops_with_0_and_ctrl_c_with_130(tiny_export, capsys, monkeypatch):
+    """Through the shared CLI runner: a process manager's SIGTERM is a clean stop (0); Ctrl-C reads as interrupted."""
+    import tokprune.serve.cli as cli
+
+    def serve_then(exc):
+        def fake(args):
+            raise exc
+        return fake
+
+    monkeypatch.setattr(cli, "_stop_on_signals", lambda: None)  # no real handlers in the test process
+    monkeypatch.setattr(cli, "_serve", serve_then(cli._Stopped()))
+    assert serve_main([str(tiny_export)]) == 0 and "tokprune-serve: stopped" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_serve", serve_then(KeyboardInterrupt()))
+    assert serve_main([str(tiny_export)]) == 130
+    assert "tokprune-serve: interrupted; the server stopped cleanly" in capsys.readouterr().err
