@@ -61,3 +61,21 @@ def test_the_results_command_runs_the_scenario(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(ROOT / "results" / "gpu" / "scenario_gpu_ready.py"), run_name="__main__")
     assert done.value.code == 2 and "--skip nope" in capsys.readouterr().err
+
+
+def test_the_results_command_runs_from_an_uninstalled_checkout(tmp_path):
+    """A GPU host gets the working tree, not an install: the launcher maps the top-level folders itself."""
+    import subprocess
+
+    code = (
+        "import sys, runpy\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in getattr(f, '__name__', type(f).__name__)]\n"
+        "try:\n    import tokprune\n    raise SystemExit('tokprune is still importable: the test proves nothing')\n"
+        "except ImportError:\n    pass\n"
+        f"sys.argv = ['x', '--dry-run', '--out', {str(tmp_path)!r}, '--skip', 'fbc,ort', '--quiet']\n"
+        f"runpy.run_path({str(ROOT / 'results' / 'gpu' / 'scenario_gpu_ready.py')!r}, run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.rstrip().splitlines()[-1].startswith("| pruned eager, CAT b=0.5 |")
+    assert json.loads((tmp_path / "gpu_ready.json").read_text())["checks"]["keep_all_vs_diffusers_rel_error"] <= 1e-3
