@@ -30,23 +30,26 @@ __all__ = ["main"]
 LAYOUTS = ("per-bucket", "single")
 
 
-def _buckets() -> tuple[Any, list[Any], Any, Any]:
+def _buckets(arch: str, text_tokens: int) -> tuple[Any, list[Any], Any, Any]:
+    """The model (seeded random weights), the three bucket specs K = N, N/2, N/4, the dynamic graph, the geometry."""
     from tokprune.bench.models import build_transformer
     from tokprune.export.dynamic import GraphSpec
     from tokprune.export.spec import BucketSpec
     from tokprune.pruning.geometry import Geometry
 
-    model = build_transformer("sd3-cpu-medium")
-    g = Geometry.from_model(model, batch=2, latent_hw=(64, 64), text_tokens=109)
+    model = build_transformer(arch)
+    s = int(model.config.sample_size)
+    g = Geometry.from_model(model, batch=2, latent_hw=(s, s), text_tokens=text_tokens)
     specs = [BucketSpec(g, k) for k in (g.num_tokens, g.num_tokens // 2, g.num_tokens // 4)]
     return model, specs, GraphSpec.from_buckets(specs), g
 
 
-def _measure(out: Path, layout: str, repeats: int, threads: int) -> dict[str, Any]:
+def _measure(a: argparse.Namespace) -> dict[str, Any]:
     """One layout's sessions (in this process): resident memory they add, median ms per bucket."""
     from tokprune.export.runners import OnnxRuntimeRunner, SharedOrtSession
 
-    _, specs, graph, _ = _buckets()
+    out, layout, repeats, threads = a.out, a.measure, a.repeats, a.threads
+    _, specs, graph, _ = _buckets(a.arch, a.text_tokens)
     before = PeakMemory.status("VmRSS")
     if layout == "single":
         shared = SharedOrtSession(out / "graph.onnx")
@@ -62,13 +65,13 @@ def _measure(out: Path, layout: str, repeats: int, threads: int) -> dict[str, An
     return result
 
 
-def _export(out: Path) -> tuple[float, Any]:
+def _export(out: Path, arch: str, text_tokens: int) -> tuple[float, Any]:
     import onnx
 
     from tokprune.export.dynamic import export_graph_onnx, finalize_graph_onnx
     from tokprune.export.onnx_export import export_bucket_onnx, finalize_onnx
 
-    model, specs, graph, g = _buckets()
+    model, specs, graph, g = _buckets(arch, text_tokens)
     t0 = time.perf_counter()
     for s in specs:
         raw = out / "raw" / s.key / "model.onnx"
@@ -99,19 +102,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="folder for the graphs and layout_cpu.json")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per bucket after one warm-up (default 7)")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
+    ap.add_argument("--arch", default="sd3-cpu-medium", help="transformer architecture (tokprune.bench.models; tests: tiny)")
+    ap.add_argument("--text-tokens", type=int, default=109, help="text tokens T of every bucket (default 109)")
     ap.add_argument("--measure", choices=LAYOUTS, help=argparse.SUPPRESS)  # the child process
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     if a.measure:  # one layout in a fresh process
-        print(json.dumps(_measure(a.out, a.measure, a.repeats, a.threads)))
+        print(json.dumps(_measure(a)))
         return 0
-    export_s, g = _export(a.out)
+    export_s, g = _export(a.out, a.arch, a.text_tokens)
     result = {"geometry": {"N": g.num_tokens, "T": g.text_tokens, "batch": g.batch, "layers": g.num_layers, "dim": g.dim},
               "threads": a.threads, "repeats": a.repeats, "export_s": round(export_s, 1), "environment": environment(),
               "layouts": {layout: run_isolated("tokprune.bench.scenarios.layout_cpu",
                                                ["--out", a.out, "--repeats", a.repeats, "--threads", a.threads,
-                                                "--measure", layout], threads=a.threads)
+                                                "--arch", a.arch, "--text-tokens", a.text_tokens, "--measure", layout],
+                                               threads=a.threads)
                           for layout in LAYOUTS}}
     (a.out / "layout_cpu.json").write_text(json.dumps(result, indent=1))
     print("\n" + markdown(result))
