@@ -132,6 +132,7 @@ def loop_markdown(result: dict[str, Any]) -> str:
         lines += ["", f"memory ({m['backend']}, {m['buckets']} buckets): one graph {m['one_graph_bytes'] / 2**30:.2f} GiB, "
                       f"one session per bucket {m['one_session_per_bucket_bytes'] / 2**30:.2f} GiB"]
     lines += [""] + [f"- {k}: {v}" for k, v in {**result["checks"], **result["errors"]}.items()]
+    lines.append(f"- targets (None: not measured): {result.get('targets')}")
     lines += ["", "| mode | MAC fraction | loop | vs eager dense | peak GiB above the weights |", "| --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         ms = "failed" if r["loop_ms"] is None else f"{r['loop_ms']:.1f} ms"

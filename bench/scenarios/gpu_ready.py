@@ -143,6 +143,10 @@ def run_scenario(sc: LoopScenario, out: Path, *, command: str = "") -> dict[str,
         result["rows"] = [{"mode": m, "mac_fraction": round(f, 4), "loop_ms": None if s is None else round(s * 1e3, 1),
                            "speedup": None if s is None or not base else round(base / s, 3),
                            "peak_gib": None if b is None else round(b / 2**30, 3)} for m, f, s, b in rows]
+        graphs = [b for b in result["buckets"] if "CUDA graphs" in b["mode"]]
+        best = max((r["speedup"] or 0 for r in result["rows"] if "CUDA graphs" in r["mode"]), default=0)
+        result["targets"] = {"graphs_speedup_ge_3.5x": best >= 3.5 if best else None,
+                             "graph_buckets_within_10pct": all(abs(b["vs_prediction"]) <= 0.10 for b in graphs) if graphs else None}
         (out / "gpu_ready.json").write_text(json.dumps(result, indent=1))
 
     def guard(name: str, fn: Callable[[], Any]) -> Any:

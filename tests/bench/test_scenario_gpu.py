@@ -79,3 +79,8 @@ def test_the_results_command_runs_from_an_uninstalled_checkout(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.rstrip().splitlines()[-1].startswith("| pruned eager, CAT b=0.5 |")
     assert json.loads((tmp_path / "gpu_ready.json").read_text())["checks"]["keep_all_vs_diffusers_rel_error"] <= 1e-3
+
+
+def test_targets_are_unmeasured_without_cuda_graph_rows(tmp_path):
+    result = run_scenario(LoopScenario.tiny(skip={"compiled", "ort", "fbc"}), tmp_path)
+    assert result["targets"] == {"graphs_speedup_ge_3.5x": None, "graph_buckets_within_10pct": None}
