@@ -7,8 +7,9 @@
 - :mod:`~tokprune.bench.metrics`: fidelity vs the reference run (PSNR / SSIM from :mod:`tokprune.yardstick.metrics`);
 - :mod:`~tokprune.bench.grid` / :mod:`~tokprune.bench.arms`: ``tokprune-bench``'s backend x dense/pruned grid;
 - :mod:`~tokprune.bench.report`: markdown tables and plots; :mod:`~tokprune.bench.cli`: ``tokprune-bench``;
+- :mod:`~tokprune.bench.loop`: loop scenarios' model, inputs and loops (diffusers' forward, the runtime's step loop);
 - :mod:`~tokprune.bench.models`: random-weight benchmark models; :mod:`~tokprune.bench.scenarios`: scenario
-  programs (the GPU benchmark).
+  programs (the GPU benchmark, the CPU layout measurement).
 
 Schedules come from :mod:`tokprune.calibrate` and MACs from :mod:`tokprune.pruning.macs`; nothing here
 re-derives them.
