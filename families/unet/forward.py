@@ -52,9 +52,11 @@ class _Ctx:
         if img_idx is not None:
             b, n = img_idx.shape[0], g.num_tokens
             keep = img_idx.shape[1]
-            mask = torch.zeros(b, n, dtype=torch.int64, device=img_idx.device).scatter(1, img_idx, 1)
-            # stable ascending sort puts the 0s (pruned) first, in token order: static shape N - K
-            self.rest = torch.sort(mask, dim=1, stable=True).indices[:, : n - keep]
+            order = torch.arange(n, device=img_idx.device).expand(b, n)
+            # unique keys: pruned tokens j -> j, kept tokens -> N + j; the N - K smallest are the pruned
+            # tokens in token order (TopK with a static k: ONNX-exportable, unlike a stable sort)
+            key = order.scatter(1, img_idx, img_idx + n)
+            self.rest = torch.topk(key, n - keep, dim=1, largest=False, sorted=True).indices
 
 
 def check_supported(unet: torch.nn.Module) -> None:

@@ -30,12 +30,17 @@ import torch
 
 
 def _timed(fn, reps: int) -> list[float]:
-    out = []
+    return _timed_out(fn, reps)[0]
+
+
+def _timed_out(fn, reps: int) -> tuple[list[float], object]:
+    """Seconds of each of ``reps`` calls, and the last call's result."""
+    times, result = [], None
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return times, result
 
 
 def main() -> None:
@@ -81,19 +86,16 @@ def main() -> None:
 
     rows = []
     run()  # warm-up (allocator, first-call init)
-    dense_t = _timed(run, args.reps)
-    want = run()
+    dense_t, want = _timed_out(run, args.reps)
     rows.append({"row": "eager dense (diffusers)", "mac_fraction": 1.0, "seconds": dense_t})
     for name, plan in plans.items():
         apply(pipe, plan)
-        t = _timed(run, args.reps)
-        got = run()
+        t, got = _timed_out(run, args.reps)
         remove(pipe)
         rows.append({"row": f"eager {name}", "mac_fraction": mac_fraction(g, plan), "seconds": t,
                      "latent_rel_err": float((got - want).norm() / want.norm())})  # fmt: skip
     tomesd.apply_patch(pipe, ratio=0.5)
-    t = _timed(run, args.reps)
-    got = run()
+    t, got = _timed_out(run, args.reps)
     tomesd.remove_patch(pipe)
     rows.append({"row": "ToMe for SD (tomesd 0.1.3, ratio 0.5, defaults)", "mac_fraction": None, "seconds": t,
                  "latent_rel_err": float((got - want).norm() / want.norm())})  # fmt: skip
@@ -103,8 +105,7 @@ def main() -> None:
     apply_pyramid_attention_broadcast(pab_pipe.unet, PyramidAttentionBroadcastConfig(
         spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
         current_timestep_callback=lambda: current["t"]))  # fmt: skip
-    t = _timed(lambda: run(pab_pipe), args.reps)
-    got = run(pab_pipe)
+    t, got = _timed_out(lambda: run(pab_pipe), args.reps)
     rows.append({"row": "diffusers Pyramid Attention Broadcast (self-attn skip 2, t in 100..800)", "mac_fraction": None,
                  "seconds": t, "latent_rel_err": float((got - want).norm() / want.norm())})  # fmt: skip
     del pab_pipe
