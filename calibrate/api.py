@@ -288,7 +288,7 @@ class _Meter:
 
     def validate(self, prompts: Sequence[str], plan: PrunePlan) -> dict[str, Any]:
         """Held-out check: latent error and decoded-image PSNR of ``plan`` vs dense on unseen prompts."""
-        import numpy as np
+        from tokprune.fidelity import capped_psnr
 
         group = "holdout"
         errs = self.errors(group, prompts, plan)
@@ -296,9 +296,7 @@ class _Meter:
         if cached is None:
             cached = []
             for ro in self._chunks(group, prompts):
-                a, b = ro.decode(ro.run(plan)), ro.decode(ro.dense())
-                mse = ((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2).reshape(len(a), -1).mean(1)
-                cached += [float(10 * np.log10(1.0 / max(m, 1e-20))) for m in mse]
+                cached += [float(x) for x in capped_psnr(ro.decode(ro.run(plan)), ro.decode(ro.dense()))]
             self.store.put(group + "-psnr", plan, self.policy, cached)
         return {"num_prompts": len(errs), "error": float(sum(errs) / len(errs)),
                 "psnr_db": float(sum(cached) / len(cached)), "per_prompt_error": errs}

@@ -35,7 +35,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,7 +44,6 @@ from typing import Any
 import torch
 from tokprune.export.errors import ExportError
 from tokprune.export.spec import INPUT, OUTPUT, BucketSpec, Precision, TensorSpec
-from tokprune.pruning.geometry import Geometry
 
 from tokprune.errors import ConfigError, ShapeError
 
@@ -88,21 +86,6 @@ class GraphTensor:
         return d
 
 
-class _GenericGeometry(Geometry):
-    """A :class:`Geometry` whose ``num_tokens`` no K equals: ``pruned_forward`` then never takes its
-    K == N shortcut (reading no caches) and traces the generic path for every K. Only the forward's
-    dense test reads ``num_tokens``; every shape it builds comes from the inputs or ``grid``."""
-
-    @property
-    def num_tokens(self) -> int:  # type: ignore[override]
-        h, w = self.grid
-        return h * w + 1
-
-
-def _generic(g: Geometry) -> Geometry:
-    return _GenericGeometry(**{f.name: getattr(g, f.name) for f in dataclasses.fields(Geometry)})
-
-
 @dataclass(frozen=True)
 class GraphSpec:
     """The I/O table of one export's dynamic graph and the buckets it serves.
@@ -137,7 +120,7 @@ class GraphSpec:
 
     # ---- shared views ---------------------------------------------------------------------
     @property
-    def geometry(self) -> Geometry:
+    def geometry(self) -> Any:
         return self.buckets[0].geometry
 
     @property
@@ -302,7 +285,7 @@ class GraphModule(torch.nn.Module):
         self.graph = graph
         self._inputs = graph.inputs()
         self._outputs = graph.outputs()
-        self._geometry = _generic(graph.geometry)
+        self._geometry = graph.geometry.as_dynamic()
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(tensors) != len(self._inputs):

@@ -8,7 +8,7 @@ the ONNX export's I/O table, TensorRT profiles and runtime buffers — derives i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Mapping
 
 from tokprune.errors import ShapeError
@@ -99,6 +99,12 @@ class Geometry:
                 out[name] = (shape[0], keep, shape[2])
         return out
 
+    def as_dynamic(self) -> "Geometry":
+        """This geometry with a ``num_tokens`` no K equals: traced through :func:`pruned_forward` it never
+        takes the K == N shortcut (reading no caches), so one graph with a dynamic K serves every bucket
+        (the export's ``graph.onnx``). Only the forward's dense test reads ``num_tokens``."""
+        return _DynamicGeometry(**{f.name: getattr(self, f.name) for f in fields(Geometry)})
+
     def step_macs(self, keep: int, keep_text: int | None = None, reuse: str = "noise", *, probe: bool = False) -> int:
         """MACs of one pruned call (:func:`tokprune.pruning.macs.step_macs`)."""
         from tokprune.pruning.macs import sd3_step_macs
@@ -177,3 +183,12 @@ def _replace(g: Geometry, **changes: Any) -> Geometry:
     from dataclasses import replace
 
     return replace(g, **changes)
+
+
+class _DynamicGeometry(Geometry):
+    """:meth:`Geometry.as_dynamic`: N + 1 tokens for the forward's dense test only."""
+
+    @property
+    def num_tokens(self) -> int:  # type: ignore[override]
+        h, w = self.grid
+        return h * w + 1

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from tokprune.environment import device_name, versions
+from tokprune.fidelity import capped_psnr
 
 
 def main(argv=None) -> int:
@@ -33,6 +34,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from tokprune.calibrate.baselines import cat_schedule
+    from tokprune.calibrate.rollout import relative_error
     from tokprune.calibrate.rollout import Rollouts
     from tokprune.models import call_defaults, load_pipeline
     from tokprune.yardstick.dataset import sample_spec
@@ -54,13 +56,10 @@ def main(argv=None) -> int:
                 plan = cat_schedule(ro.geometry, ro.steps, b, t0=8)
                 for pol in a.policies.split(","):
                     x = ro.run(plan, pol)
-                    err = ((x.double() - ro.dense().double()).flatten(1).norm(dim=1)
-                           / ro.dense().double().flatten(1).norm(dim=1)).tolist()
-                    img = np.asarray(ro.decode(x), dtype=np.float64)
-                    mse = ((img - dense_img) ** 2).reshape(len(part), -1).mean(1)
+                    err = relative_error(x, ro.dense()).tolist()
                     r = rows.setdefault((sel, b, pol), {"error": [], "psnr_db": []})
                     r["error"] += err
-                    r["psnr_db"] += [float(10 * np.log10(1 / max(m, 1e-20))) for m in mse]
+                    r["psnr_db"] += [float(v) for v in capped_psnr(np.asarray(ro.decode(x), dtype=np.float64), dense_img)]
                     print(f"chunk {c}: {sel} b={b} {pol}: error {np.mean(err):.4f}", flush=True)
     table = [{"select_from": s, "budget": b, "policy": pol, "error": float(np.mean(v["error"])),
               "psnr_db": float(np.mean(v["psnr_db"])), "n": len(v["error"])} for (s, b, pol), v in rows.items()]
