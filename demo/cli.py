@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tokprune.export.command import command_line
     from tokprune.models import call_defaults, load_pipeline
     from tokprune.pruning.family import family_for
-    from tokprune.yardstick.metrics import psnr
+    from tokprune.fidelity import psnr
 
     _precheck(args)  # bad flags and output places fail before the model loads
     torch.set_num_threads(max(1, torch.get_num_threads()))
