@@ -4,7 +4,7 @@
   :class:`LoopScenario` for a bare transformer in a denoising loop);
 - :mod:`~tokprune.bench.harness`: the one harness (sync, warm-up, repeats, step/call timers, peak memory,
   process isolation for thread counts; the environment record is :mod:`tokprune.environment`);
-- :mod:`~tokprune.bench.metrics`: fidelity vs the reference run (PSNR / SSIM from :mod:`tokprune.yardstick.metrics`);
+- :mod:`~tokprune.bench.metrics`: fidelity vs the reference run (PSNR / SSIM from :mod:`tokprune.fidelity`);
 - :mod:`~tokprune.bench.grid` / :mod:`~tokprune.bench.arms`: ``tokprune-bench``'s backend x dense/pruned grid;
 - :mod:`~tokprune.bench.report`: markdown tables and plots; :mod:`~tokprune.bench.cli`: ``tokprune-bench``;
 - :mod:`~tokprune.bench.loop`: loop scenarios' model, inputs and loops (diffusers' forward, the runtime's step loop);

@@ -1,6 +1,6 @@
 """Fidelity of a benchmark run against its reference run: PSNR and SSIM of images and of latents.
 
-PSNR and SSIM themselves live in one place, :mod:`tokprune.yardstick.metrics`; this module only
+PSNR and SSIM themselves live in one place, :mod:`tokprune.fidelity`; this module only
 applies them to what a benchmark holds (an (H, W, 3) image in [0, 1] and a (C, h, w) latent whose
 data range is the reference latent's own range).
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokprune.yardstick.metrics import psnr, ssim
+from tokprune.fidelity import psnr, ssim
 
 __all__ = ["fidelity", "finite", "latent_psnr", "latent_ssim"]
 

@@ -18,9 +18,9 @@ compared on a task metric.
 
 The comparison (``tokprune-quality``), one job per module:
 
-- :mod:`~tokprune.yardstick.metrics`  PSNR / SSIM (tokprune's only copy), per-object mask IoU, bootstrap intervals
+- :mod:`~tokprune.yardstick.metrics`  per-object mask IoU, bootstrap intervals (PSNR / SSIM from :mod:`tokprune.fidelity`)
 - :mod:`~tokprune.yardstick.counting` transformer MACs counted while they run (``MacCounter``)
-- :mod:`~tokprune.yardstick.caches`   diffusers' TaylorSeer / MagCache / first-block cache on SD3 (adapters)
+- diffusers' own caches on SD3 come from :mod:`tokprune.families.sd3.caches`
 - :mod:`~tokprune.yardstick.runs`     dense / planned / cached runs of one chunk of captions, decoding
 - :mod:`~tokprune.yardstick.rows`     the rows: calibrated, cat, ras, interleaved, random, caches
 - :mod:`~tokprune.yardstick.store`    resumable records (append-only JSONL)

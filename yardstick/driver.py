@@ -71,7 +71,7 @@ class Driver:
         if any(c.startswith("magcache") for c in self.caches):
             rec = self.store.find("mag_ratios")
             if rec is None:
-                from tokprune.yardstick.caches import measure_mag_ratios
+                from tokprune.families.sd3.caches import measure_mag_ratios
 
                 t0 = time.perf_counter()
                 logger.info("measuring MagCache's magnitude ratios on %d calibration captions", len(calib))

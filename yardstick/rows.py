@@ -283,7 +283,7 @@ def parse_caches(specs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
 
 def cache_rows(specs: Sequence[str], *, mag_ratios: Sequence[float] | None) -> list[Row]:
     """One row per cache setting; MagCache gets the model's measured ``mag_ratios``."""
-    from tokprune.yardstick.caches import CacheSpec
+    from tokprune.families.sd3.caches import CacheSpec
 
     rows = []
     for kind, settings in parse_caches(specs):

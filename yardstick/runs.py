@@ -163,7 +163,7 @@ def run_cache(
     Returns (latents (P, C, h, w), counted MAC fraction per caption, transformer calls per caption, seconds).
     """
     from tokprune.pruning.macs import dense_macs
-    from tokprune.yardstick.caches import cached
+    from tokprune.families.sd3.caches import cached
     from tokprune.yardstick.counting import MacCounter
 
     unit = call.steps * dense_macs(geometry_of(pipe, call, 1))

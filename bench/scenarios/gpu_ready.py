@@ -54,7 +54,7 @@ def _fbc(loop: Loop, threshold: float) -> tuple[float, float]:
     """diffusers' first-block cache at ``threshold``: (loop seconds, fraction of blocks computed)."""
     import types
 
-    from tokprune.yardstick.caches import CacheSpec, cached
+    from tokprune.families.sd3.caches import CacheSpec, cached
 
     sched = types.SimpleNamespace(step_index=None)
     pipe = types.SimpleNamespace(transformer=loop.model, scheduler=sched)

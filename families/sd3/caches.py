@@ -24,7 +24,7 @@ of ``|r_t| / |r_{t-1}|``, ``r`` = last block's image output minus first block's 
 
 Example::
 
-    from tokprune.yardstick.caches import CacheSpec, cached
+    from tokprune.families.sd3.caches import CacheSpec, cached
     spec = CacheSpec("fbc", {"threshold": 0.1})
     with cached(pipe, spec):
         latents = pipe("a red circle", output_type="latent").images

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokprune.errors import ConfigError
-from tokprune.yardstick.caches import CacheSpec, cached, measure_mag_ratios
+from tokprune.families.sd3.caches import CacheSpec, cached, measure_mag_ratios
 
 STEPS = 6
 CALL = dict(num_inference_steps=STEPS, guidance_scale=5.0, height=64, width=64, max_sequence_length=16)
@@ -93,6 +93,6 @@ def test_bad_specs_say_what_to_do():
         CacheSpec("teacache")
     assert CacheSpec("fbc", {"threshold": 0.1}).name == "fbc(threshold=0.1)"
     with pytest.raises(ConfigError, match="measure_mag_ratios"):
-        from tokprune.yardstick.caches import _config
+        from tokprune.families.sd3.caches import _config
 
         _config(CacheSpec("magcache", {"threshold": 0.1}), STEPS)
