@@ -49,6 +49,9 @@ class UNetPruner(TokenPruner):
 
         super().__init__(unet, plan, policy=policy, config=unet.config, family=FAMILY, **kwargs)
         self.cache_depth = int(cache_depth)
+        #: What runs one step (``unet_forward``'s signature): eager PyTorch, or an exported-bucket runner
+        #: (:class:`tokprune.families.unet.export.OrtRunner`).
+        self.runner = unet_forward
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -128,7 +131,7 @@ class UNetPruner(TokenPruner):
             if st.text_importance is None:
                 raise ConfigError(f"plan step {step} prunes text but no dense probe step measured text importance before it")
             txt_idx = select_text_tokens(st.text_importance, keep_text, protect=self._protect(g))
-        out: StepOutput = unet_forward(
+        out: StepOutput = self.runner(
             self.unet, g, sample=call["sample"], timestep=call["timestep"],
             encoder_hidden_states=call["encoder_hidden_states"], text_embeds=call["text_embeds"],
             time_ids=call["time_ids"], img_idx=idx, txt_idx=txt_idx, caches=st.caches,
