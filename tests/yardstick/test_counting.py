@@ -63,7 +63,7 @@ def _block_macs(model, inputs) -> list[int]:
 @pytest.mark.parametrize("kind,settings", [("fbc", {"threshold": 5.0}), ("magcache", {"threshold": 10.0})])
 def test_cache_counts_equal_the_blocks_that_ran(kind, settings):
     from tokprune.models import build_tiny_pipeline
-    from tokprune.yardstick.caches import CacheSpec, cached
+    from tokprune.families.sd3.caches import CacheSpec, cached
     from tokprune.yardstick.runs import Call, geometry_of
 
     pipe = build_tiny_pipeline()
