@@ -133,12 +133,6 @@ class CallSettings:
         d["latent_hw"] = tuple(int(v) for v in d["latent_hw"])
         return cls(**d)
 
-    def export_flags(self) -> str:
-        """The ``tokprune-export`` flags that reproduce these settings (the runtime's rebuild hint)."""
-        flags = f"--height {self.height} --width {self.width} --steps {self.steps} --guidance {self.guidance:g}"
-        if self.max_sequence_length is not None:
-            flags += f" --max-sequence-length {self.max_sequence_length}"
-        return flags
 
 
 class ModelFamily(abc.ABC):
@@ -184,9 +178,11 @@ class ModelFamily(abc.ABC):
     # ---- call settings -------------------------------------------------------------------
     def call_defaults(self, pipe: Any) -> dict[str, Any]:
         """Call keyword arguments the loaded model is sampled with when the user gives none:
-        the pipeline's recorded ones (``pipe._tokprune_call_defaults``, set by loaders of models
-        trained with non-default settings such as ``shapes``) over the family's."""
-        return dict(getattr(pipe, "_tokprune_call_defaults", None) or {})
+        the pipeline's recorded ones (:func:`tokprune.models.set_call_defaults`, used by loaders of
+        models trained with non-default settings such as ``shapes``) over the family's."""
+        from tokprune.models import call_defaults
+
+        return call_defaults(pipe)
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         """Default (height, width) in pixels of a pipeline call."""

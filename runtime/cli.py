@@ -74,11 +74,11 @@ def load_components(manifest: Any, *, device: torch.device, dtype: torch.dtype, 
         return load_pipeline(ref, dtype=dtype, device=device)
     from diffusers import StableDiffusion3Pipeline
 
-    from tokprune.models import _dtype_kwarg
+    from tokprune.models import dtype_kwarg
 
     try:
         pipe = StableDiffusion3Pipeline.from_pretrained(
-            source.ref, transformer=None, local_files_only=True, **_dtype_kwarg(dtype)
+            source.ref, transformer=None, local_files_only=True, **dtype_kwarg(dtype)
         )
     except Exception as exc:
         raise ModelNotFoundError(

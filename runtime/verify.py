@@ -180,11 +180,11 @@ def load_reference_transformer(manifest: Any, device: torch.device, dtype: torch
     else:
         from diffusers import SD3Transformer2DModel
 
-        from tokprune.models import _dtype_kwarg
+        from tokprune.models import dtype_kwarg
 
         try:
             model = SD3Transformer2DModel.from_pretrained(
-                source.ref, subfolder="transformer", local_files_only=True, **_dtype_kwarg(torch.float32)
+                source.ref, subfolder="transformer", local_files_only=True, **dtype_kwarg(torch.float32)
             )
         except Exception as exc:
             raise BackendUnavailableError(

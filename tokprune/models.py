@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -43,7 +42,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -52,6 +51,7 @@ from urllib.parse import urlparse
 import torch
 
 from tokprune.errors import ConfigError, ModelNotFoundError
+from tokprune.hashing import json_sha256
 
 if TYPE_CHECKING:  # heavy: imported inside the functions that need them
     from importlib.metadata import EntryPoint
@@ -82,6 +82,9 @@ __all__ = [
     "available_models",
     "build_tiny_pipeline",
     "call_defaults",
+    "calibration_prompts",
+    "dtype_kwarg",
+    "set_call_defaults",
     "build_tiny_transformer",
     "fingerprint",
     "load_pipeline",
@@ -385,7 +388,7 @@ def _load_local(source: ModelSource, dtype: torch.dtype) -> Any:
             f"diffusers directory of one of those."
         )
     try:
-        return getattr(diffusers, str(class_name)).from_pretrained(source.ref, local_files_only=True, **_dtype_kwarg(dtype))
+        return getattr(diffusers, str(class_name)).from_pretrained(source.ref, local_files_only=True, **dtype_kwarg(dtype))
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(
             f"--model {source.ref!r}: the diffusers directory did not load ({_first_line(exc)}). "
@@ -398,7 +401,7 @@ def _load_hub(source: ModelSource, dtype: torch.dtype) -> Any:
 
     hub_id = source.ref
     try:
-        return DiffusionPipeline.from_pretrained(hub_id, local_files_only=True, **_dtype_kwarg(dtype))
+        return DiffusionPipeline.from_pretrained(hub_id, local_files_only=True, **dtype_kwarg(dtype))
     except Exception as exc:  # noqa: BLE001 - any failure here just means "not usable from the cache"
         cache_error = _first_line(exc)
         logger.debug("%s not loadable from the HF cache: %s", hub_id, cache_error)
@@ -414,7 +417,7 @@ def _load_hub(source: ModelSource, dtype: torch.dtype) -> Any:
         )
     logger.info("downloading %s from the Hugging Face hub", hub_id)
     try:
-        return DiffusionPipeline.from_pretrained(hub_id, **_dtype_kwarg(dtype))
+        return DiffusionPipeline.from_pretrained(hub_id, **dtype_kwarg(dtype))
     except Exception as exc:  # noqa: BLE001 - network, auth and missing-repo errors all land here
         hint = f"Check the hub id and your network, or pass a local diffusers directory ({_LOCAL_PATH_HINT})."
         if "gated" in type(exc).__name__.lower() or "401" in str(exc) or "403" in str(exc):
@@ -467,7 +470,7 @@ def _offline_reason() -> str | None:
     return None
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """``dtype=`` where diffusers has renamed it (newer versions warn on ``torch_dtype``), else ``torch_dtype=``."""
     try:
         from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401 - present since the rename
@@ -518,8 +521,7 @@ def fingerprint(model_or_config: Any) -> str:
             f"got {type(model_or_config).__name__}."
         )
     public = {str(k): v for k, v in config.items() if not str(k).startswith("_")}
-    canonical = json.dumps(public, sort_keys=True, separators=(",", ":"), default=_json_default)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+    return json_sha256(public, default=_json_default, allow_nan=True)[:16]
 
 
 def _json_default(value: Any) -> Any:
@@ -530,18 +532,25 @@ def _json_default(value: Any) -> Any:
     raise ConfigError(f"fingerprint: config value {value!r} ({type(value).__name__}) is not JSON-serialisable.")
 
 
+def set_call_defaults(pipe: Any, defaults: Mapping[str, Any], *, calibration_prompts: Sequence[str] | None = None) -> Any:
+    """Record on a loaded pipeline the call settings it must be sampled with (and its own calibration
+    prompts), for loaders of models trained with non-default settings (the ``shapes`` yardstick).
+    Calibration, export, the bench and the quality comparison read them through :func:`call_defaults`
+    / :func:`calibration_prompts` whenever the user passes no value. Returns ``pipe``."""
+    pipe._tokprune_call_defaults = dict(defaults)
+    if calibration_prompts is not None:
+        pipe._tokprune_calibration_prompts = [str(p) for p in calibration_prompts]
+    return pipe
+
+
 def calibration_prompts(pipe: Any) -> list[str] | None:
-    """The model's own calibration prompts (the ``shapes`` yardstick's train-split captions), or None
-    for models that take the built-in general-purpose set."""
+    """The model's own calibration prompts (:func:`set_call_defaults`; the ``shapes`` yardstick's
+    train-split captions), or None for models that take the built-in general-purpose set."""
     prompts = getattr(pipe, "_tokprune_calibration_prompts", None)
     return list(prompts) if prompts else None
 
 
 def call_defaults(pipe: Any) -> dict[str, Any]:
-    """Keyword arguments a loaded model must be sampled with, e.g. ``{"max_sequence_length": 32}``.
-
-    Loaders of models trained with non-default call settings (the ``shapes`` yardstick) record them
-    on the pipeline as ``pipe._tokprune_call_defaults``; calibration and export use them whenever the
-    user did not pass a value. Empty for stock SD3 pipelines (diffusers' own defaults apply).
-    """
+    """Keyword arguments a loaded model must be sampled with, e.g. ``{"max_sequence_length": 32}``
+    (:func:`set_call_defaults`). Empty for stock pipelines (the family's / diffusers' defaults apply)."""
     return dict(getattr(pipe, "_tokprune_call_defaults", None) or {})

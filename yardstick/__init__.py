@@ -52,8 +52,8 @@ def load_shapes_pipeline():
     from tokprune.yardstick.dataset import sample_spec
     from tokprune.yardstick.model import load_pipeline
 
+    from tokprune.models import set_call_defaults
+
     pipe, meta = load_pipeline(SHAPES_DIR)
-    pipe._tokprune_call_defaults = meta.generation_kwargs()
     # calibration measures in-distribution captions of the train split (split seed 0), never the held-out one
-    pipe._tokprune_calibration_prompts = [sample_spec(i, 0).caption for i in range(80)]
-    return pipe
+    return set_call_defaults(pipe, meta.generation_kwargs(), calibration_prompts=[sample_spec(i, 0).caption for i in range(80)])

@@ -224,7 +224,7 @@ def _load_local(path: Path, dtype: torch.dtype):
         raise ModelNotFoundError(f"--model {str(path)!r}: {index} is missing; expected a diffusers pipeline directory")
     cls = _pipeline_class(str(json.loads(index.read_text()).get("_class_name", "")))
     try:
-        return cls.from_pretrained(str(path), local_files_only=True, **_m._dtype_kwarg(dtype))
+        return cls.from_pretrained(str(path), local_files_only=True, **_m.dtype_kwarg(dtype))
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"--model {str(path)!r}: the diffusers directory did not load ({_m._first_line(exc)})") from exc
 
@@ -235,7 +235,7 @@ def _load_hub(name: str, hub_id: str, dtype: torch.dtype):
     from tokprune import models as _m
 
     try:
-        return DiffusionPipeline.from_pretrained(hub_id, local_files_only=True, **_m._dtype_kwarg(dtype))
+        return DiffusionPipeline.from_pretrained(hub_id, local_files_only=True, **_m.dtype_kwarg(dtype))
     except Exception as exc:  # noqa: BLE001 - "not usable from the cache"
         cache_error = _m._first_line(exc)
     reason = _m._offline_reason()
@@ -247,7 +247,7 @@ def _load_hub(name: str, hub_id: str, dtype: torch.dtype):
             f"(cache lookup: {cache_error})"
         )
     try:
-        return DiffusionPipeline.from_pretrained(hub_id, **_m._dtype_kwarg(dtype))
+        return DiffusionPipeline.from_pretrained(hub_id, **_m.dtype_kwarg(dtype))
     except Exception as exc:  # noqa: BLE001
         raise ModelNotFoundError(
             f"--model {name!r}: downloading hub id {hub_id!r} failed ({_m._first_line(exc)}). Check the hub id and "

@@ -7,6 +7,7 @@ import torch
 
 from tests.conftest import make_inputs, make_transformer
 from tokprune.errors import ConfigError, ShapeError
+from tokprune.models import set_call_defaults
 from tokprune.pruning import PrunePlan, apply, get_pruner, remove
 from tokprune.pruning.family import CallSettings, ModelFamily, all_families, family_for, get_family
 
@@ -46,13 +47,12 @@ def test_settings_resolve_flags_then_model_defaults_then_family_defaults(pipe):
     g = s.geometry(pipe.transformer)
     assert (g.batch, g.latent_hw, g.text_tokens, g.num_tokens) == (3, (48, 32), 93, 24 * 16)
     assert CallSettings.from_dict(s.to_dict()) == s
-    assert s.export_flags() == "--height 96 --width 64 --steps 4 --guidance 1 --max-sequence-length 16"
-    pipe._tokprune_call_defaults = {"max_sequence_length": 32, "guidance_scale": 3.0}
+    set_call_defaults(pipe, {"max_sequence_length": 32, "guidance_scale": 3.0})
     try:
         s = sd3.settings(pipe)
         assert (s.max_sequence_length, s.guidance, s.text_tokens) == (32, 3.0, 109)
     finally:
-        del pipe._tokprune_call_defaults
+        set_call_defaults(pipe, {})
     assert sd3.max_sequence_length_for(pipe, 109) == 32
     assert sd3.call_kwargs(pipe, g) == {"max_sequence_length": 16}
 
