@@ -72,6 +72,11 @@ class UNetGeometry:
         return ((h + 1) // 2) * ((w + 1) // 2)
 
     @property
+    def min_keep(self) -> int:
+        """Smallest image keep count a pruned step may use (DaTo keeps every window's base token)."""
+        return self.windows
+
+    @property
     def pool(self) -> int:
         """Factor that average-pools the latent-resolution noise to the grid."""
         return 2**self.prune_level

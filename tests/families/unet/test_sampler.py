@@ -130,3 +130,22 @@ def test_plan_length_must_match(pipe):
             _run(pipe)
     finally:
         remove(pipe)
+
+
+def test_generic_pruning_apply_uses_the_family():
+    """tokprune.pruning.apply (the generic TokenPruner) drives the U-Net through FAMILY: a dense plan equals
+    the pipeline, a DaTo plan runs pruned (SDXL: Euler keeps a step index; DeepCache steps and DDIM
+    need the family's own apply, see the README)."""
+    from tokprune import pruning
+
+    pipe = build_pipeline("sdxl-tiny")
+    want = _run(pipe)
+    pruner = pruning.apply(pipe, PrunePlan.dense(STEPS), policy="dynamics")
+    assert pruner.family is FAMILY
+    dense = _run(pipe)
+    pruning.remove(pipe)
+    pruning.apply(pipe, PrunePlan((ALL, ALL, 128, 128, 128)), policy="dynamics")
+    pruned = _run(pipe)
+    pruning.remove(pipe)
+    assert (dense - want).abs().max().item() <= 1e-5
+    assert (pruned - want).abs().max().item() > 1e-4
