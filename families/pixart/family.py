@@ -11,6 +11,7 @@ import torch
 
 from tokprune.errors import ConfigError
 from tokprune.families.pixart.geometry import FAMILY_NAME, MAX_TEXT_TOKENS, PixArtGeometry
+from tokprune.families.pixart.models import ALIASES
 from tokprune.pruning.family import CallSettings, DenoiserCall, ModelFamily
 from tokprune.pruning.forward import patchify
 
@@ -29,7 +30,7 @@ class PixArtFamily(ModelFamily):
     denoiser_attr = "transformer"
     pipeline_classes = ("PixArtSigmaPipeline",)
     denoiser_classes = ("PixArtTransformer2DModel",)
-    aliases = {"pixart-sigma": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"}
+    aliases = ALIASES
     max_sequence_bounds = (1, MAX_TEXT_TOKENS)
     #: Geometries this family builds take the per-prompt text K/V as bucket inputs (True) or the prompt's
     #: embeddings (False: each bucket call recomputes the text stage). True needs the generic runtime to

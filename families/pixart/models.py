@@ -7,8 +7,9 @@
 - ``pixart-medium``: the same pipeline with a PixArt-architecture transformer sized for CPU speed
   measurements: 6 blocks, width 384 (6 heads x 64), ``sample_size`` 64: 512 px -> **N = 1024**.
 - ``pixart-sigma``: ``PixArt-alpha/PixArt-Sigma-XL-2-1024-MS`` (28 blocks, width 1152, 1024 px ->
-  N = 4096). Loaded from the local Hugging Face cache; offline and uncached it fails within
-  seconds with :class:`~tokprune.errors.ModelNotFoundError` saying how to pass a local directory.
+  N = 4096), an alias :func:`tokprune.models.load_pipeline` resolves through the family: loaded from
+  the local Hugging Face cache; offline and uncached it fails within seconds with
+  :class:`~tokprune.errors.ModelNotFoundError` saying how to pass a local directory.
 
 Random weights are identical on every machine for a seed (global RNG untouched); they measure
 speed and plumbing, never quality.
@@ -25,12 +26,11 @@ Example::
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tokprune.errors import ConfigError, ModelNotFoundError
+from tokprune.errors import ConfigError
 
 if TYPE_CHECKING:
     from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
@@ -47,12 +47,10 @@ __all__ = [
     "build_pipeline",
     "build_tiny_pipeline",
     "build_tiny_transformer",
-    "load_pipeline",
 ]
 
 #: ``--model`` alias -> hub id.
 ALIASES: dict[str, str] = {"pixart-sigma": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"}
-_LOCAL_PATH_HINT = "--model /path/to/PixArt-Sigma-XL-2-1024-MS"
 
 #: PixArt-Σ-XL/2 1024 (the hub checkpoint's transformer config; random weights for GPU timing).
 PIXART_SIGMA_XL_CONFIG: dict[str, Any] = {
@@ -185,60 +183,3 @@ def binned_size(sample_size: int, height: int, width: int) -> tuple[int, int]:
         )
     h, w = PixArtImageProcessor.classify_height_width_bin(int(height), int(width), ratios=tables[int(sample_size)])
     return int(h), int(w)
-
-
-def load_pipeline(
-    name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> PixArtSigmaPipeline:
-    """Load ``pixart-sigma`` (or any PixArt-Σ hub id / local diffusers directory) from disk or the HF cache.
-
-    Offline and uncached it raises :class:`ModelNotFoundError` within seconds (the same checks
-    and wording as ``--model sd3``); downloads only when the hub answers.
-    """
-    from diffusers import PixArtSigmaPipeline
-
-    from tokprune import models as m
-
-    ref = ALIASES.get(str(name_or_path).strip().lower(), str(name_or_path))
-    name = str(name_or_path)
-    local = Path(ref).expanduser()
-    if local.is_dir():
-        try:
-            pipe = PixArtSigmaPipeline.from_pretrained(str(local), local_files_only=True, **m._dtype_kwarg(dtype))
-        except (OSError, ValueError) as exc:
-            raise ModelNotFoundError(
-                f"--model {name!r}: the diffusers directory did not load ({m._first_line(exc)}). "
-                "Check that every component folder listed in model_index.json is complete."
-            ) from exc
-    else:
-        pipe = _load_hub(name, ref, dtype)
-    pipe = pipe.to(device=device, dtype=dtype)
-    m._realign_cpu_tensors(pipe)
-    return pipe
-
-
-def _load_hub(name: str, hub_id: str, dtype: torch.dtype) -> PixArtSigmaPipeline:
-    from diffusers import PixArtSigmaPipeline
-
-    from tokprune import models as m
-
-    try:
-        return PixArtSigmaPipeline.from_pretrained(hub_id, local_files_only=True, **m._dtype_kwarg(dtype))
-    except Exception as exc:  # noqa: BLE001 - any failure here only means "not usable from the cache"
-        cache_error = m._first_line(exc)
-    offline = m._offline_reason()
-    if offline is not None:
-        raise ModelNotFoundError(
-            f"--model {name!r}: the weights of hub id {hub_id!r} are not in the local Hugging Face cache and this "
-            f"machine appears offline ({offline}). Pass a local diffusers directory instead, e.g. {_LOCAL_PATH_HINT}, "
-            f"or download it on a machine with internet (`hf download {hub_id} --local-dir DIR`) and copy DIR here. "
-            f"(cache lookup: {cache_error})"
-        )
-    logger.info("downloading %s from the Hugging Face hub", hub_id)
-    try:
-        return PixArtSigmaPipeline.from_pretrained(hub_id, **m._dtype_kwarg(dtype))
-    except Exception as exc:  # noqa: BLE001
-        raise ModelNotFoundError(
-            f"--model {name!r}: downloading hub id {hub_id!r} failed ({m._first_line(exc)}). Check the hub id and your "
-            f"network, or pass a local diffusers directory ({_LOCAL_PATH_HINT})."
-        ) from exc

@@ -44,14 +44,11 @@ def _register() -> None:
 
 
 def export(args: argparse.Namespace) -> int:
-    import tokprune.export.dynamic as dyn
     from tokprune.calibrate.api import baseline_schedule
     from tokprune.export.exporter import ExportConfig, export_model
     from tokprune.models import load_pipeline
 
     _register()
-    original = dyn._generic  # the family-generic dynamic geometry (until export/dynamic.py asks the geometry)
-    dyn._generic = lambda g: g.as_dynamic() if hasattr(g, "as_dynamic") else original(g)
     pipe = load_pipeline("pixart-medium")
     sched = baseline_schedule(pipe, "cat", budget=args.budget, steps=STEPS, guidance=GUIDANCE, max_sequence_length=MSL,
                               model="pixart-medium", align=16)
@@ -122,24 +119,35 @@ def bench(args: argparse.Namespace) -> int:
             print(f"round {r}: " + ", ".join(f"{a} {times[a][-1]:.2f}s" for a in arms if times[a]), flush=True)
     assert pipe.transformer is original
 
-    # per-bucket latency (engine call alone) vs the dense bucket's latency x MAC ratio
+    # per-bucket latency (engine call alone, buckets interleaved call by call so load hits them alike)
+    # vs the dense bucket's latency x MAC ratio
     specs = manifest.bucket_specs()
     g = manifest.geometry
-    buckets = {}
-    for key, spec in specs.items():
-        runner = OnnxRuntimeRunner(manifest.onnx_path(key), spec, threads=args.threads)
-        with runner:
-            feed = spec.sample_inputs(0)
-            runner.infer(feed)
-            lat = sorted(_median_call(lambda: runner.infer(feed), args.bucket_repeats))
-        buckets[key] = {"k": spec.image_keep, "median_s": statistics.median(lat),
-                        "macs": g.step_macs(spec.image_keep, spec.text_keep)}
+    runners = {key: OnnxRuntimeRunner(manifest.onnx_path(key), spec, threads=args.threads) for key, spec in specs.items()}
+    feeds = {key: spec.sample_inputs(0) for key, spec in specs.items()}
+    lat: dict[str, list[float]] = {key: [] for key in specs}
+    for runner in runners.values():
+        runner.__enter__()
+    try:
+        for key, runner in runners.items():
+            runner.infer(feeds[key])  # warm-up
+        for _ in range(args.bucket_repeats):
+            for key, runner in runners.items():
+                lat[key] += _median_call(lambda: runner.infer(feeds[key]), 1)
+    finally:
+        for runner in runners.values():
+            runner.__exit__(None, None, None)
+    buckets = {key: {"k": spec.image_keep, "median_s": statistics.median(lat[key]), "seconds": lat[key],
+                     "macs": g.step_macs(spec.image_keep, spec.text_keep)} for key, spec in specs.items()}
     dense_key = max(buckets, key=lambda k: buckets[k]["k"])
     d = buckets[dense_key]
     for b in buckets.values():
         b["mac_ratio"] = b["macs"] / d["macs"]
         b["predicted_s"] = d["median_s"] * b["mac_ratio"]
         b["vs_prediction"] = b["median_s"] / b["predicted_s"] - 1.0
+        # the same, per repeat against the dense call right beside it (robust to load changing mid-run)
+        b["vs_prediction_paired"] = statistics.median(
+            t / (td * b["mac_ratio"]) - 1.0 for t, td in zip(b["seconds"], d["seconds"]))
 
     med = {a: statistics.median(v) for a, v in times.items()}
     ref = latents["eager-dense"].float()
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--engines", required=True)
     b.add_argument("--threads", type=int, required=True)
     b.add_argument("--rounds", type=int, default=3)
-    b.add_argument("--bucket-repeats", type=int, default=5)
+    b.add_argument("--bucket-repeats", type=int, default=7)
     b.add_argument("--json")
     args = p.parse_args(argv)
     return export(args) if args.cmd == "export" else bench(args)

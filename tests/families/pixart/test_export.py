@@ -22,26 +22,12 @@ STEPS, MSL = 8, 24
 PROMPT = "a red circle on the left"
 
 
-@contextlib.contextmanager
-def _dynamic_graph_support():
-    """export/dynamic.py builds its dynamic-K geometry from SD3's Geometry fields; the family-generic rule is
-    ``geometry.as_dynamic()``. This stands in for that one-line change until it lands in export/dynamic.py."""
-    import tokprune.export.dynamic as dyn
-
-    original = dyn._generic
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dyn, "_generic", lambda g: g.as_dynamic() if hasattr(g, "as_dynamic") else original(g))
-        yield
-
-
 def _export(tmp_path_factory, budget):
     from tokprune.export.exporter import ExportConfig, export_model
 
     out = tmp_path_factory.mktemp(f"pixart-b{budget}") / "engines"
-    with _dynamic_graph_support():
-        res = export_model(ExportConfig(model="pixart-tiny", budget=budget, steps=STEPS, max_sequence_length=MSL), out,
-                           progress=False)
-    return res
+    return export_model(ExportConfig(model="pixart-tiny", budget=budget, steps=STEPS, max_sequence_length=MSL), out,
+                        progress=False)
 
 
 @pytest.fixture(scope="module")
