@@ -22,7 +22,7 @@ Example::
     from tokprune.families.pixart.macs import step_macs
     from tokprune.families.pixart.models import PIXART_SIGMA_XL_CONFIG
     g = PixArtGeometry.from_config(PIXART_SIGMA_XL_CONFIG, batch=2, latent_hw=(128, 128), text_tokens=300)
-    step_macs(g, 2048) / step_macs(g, 4096)     # ~0.47
+    step_macs(g, 2048) / step_macs(g, 4096)     # 0.50: attention grows with K x N, so halving K halves it too
 """
 
 from __future__ import annotations

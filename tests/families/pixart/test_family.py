@@ -135,6 +135,9 @@ def test_parse_call_and_condition_specs(pipe):
     assert set(call.conditions) == set(FAMILY.condition_specs(g)) == {"encoder_hidden_states", "encoder_attention_mask"}
     assert call.conditions["encoder_attention_mask"].dtype == torch.int64
     assert FAMILY.text_protect(call.conditions).nonzero().tolist() == [[0, 1], [1, 6]]  # T5 EOS: last real token
+    noise = torch.randn(2, 8, 32, 24)
+    tokens = FAMILY.tokens(noise, g)  # the selection signal: noise channels only, not learned sigma's
+    assert tokens.shape == (2, 192, 16) and torch.equal(tokens, FAMILY.tokens(torch.cat([noise[:, :4], noise[:, 4:] * 0], 1), g))
     _, nomask = FAMILY.parse_call(cfg, (x, ctx, torch.tensor([5, 5])), {})
     assert nomask.conditions["encoder_attention_mask"].eq(1).all()
     with pytest.raises(ConfigError, match="cross_attention_kwargs"):

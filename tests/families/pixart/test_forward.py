@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tests.families.pixart.helpers import (
-    conditions,
     fill,
     geometry,
     make_inputs,

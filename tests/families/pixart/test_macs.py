@@ -7,7 +7,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from tests.families.pixart.helpers import fill, geometry, make_inputs, make_transformer, run
+from tests.families.pixart.helpers import geometry, make_inputs, make_transformer, run
 from tokprune.errors import ConfigError
 from tokprune.families.pixart import macs
 from tokprune.families.pixart.forward import text_conditions
