@@ -25,14 +25,12 @@ Example::
 from __future__ import annotations
 
 import functools
-import json
 import logging
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from tokprune.errors import ConfigError, ModelNotFoundError
+from tokprune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +39,6 @@ ALIASES: dict[str, str] = {
     "sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
-_PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 _SD15_TINY_UNET: dict[str, Any] = {
     "sample_size": 32, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
@@ -186,70 +183,11 @@ DESCRIPTIONS: dict[str, str] = {
 def load_pipeline(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load an SD1.5 / SDXL pipeline: a built-in, an alias (``sd1.5``, ``sdxl``), a hub id or a local directory.
 
-    Hub ids load from the HF cache and download only when the hub answers (``tokprune.models``'s
-    probe); offline and uncached it raises :class:`ModelNotFoundError` within seconds.
+    The one generic loader (:func:`tokprune.models.load_pipeline`) does the work once this family is
+    registered: hub ids load from the HF cache and download only when the hub answers; offline and
+    uncached it raises :class:`~tokprune.errors.ModelNotFoundError` within seconds, naming the fix.
     """
+    import tokprune.families.unet  # noqa: F401 - registers the family (aliases, built-ins, pipeline classes)
     from tokprune import models as _m
 
-    key = str(name_or_path).strip()
-    if key.lower() in BUILTINS:
-        return BUILTINS[key.lower()]().to(device=device, dtype=dtype)
-    hub_id = ALIASES.get(key.lower(), key)
-    path = Path(key).expanduser()
-    if path.is_dir():
-        pipe = _load_local(path, dtype)
-    else:
-        pipe = _load_hub(key, hub_id, dtype)
-    pipe = pipe.to(device=device, dtype=dtype)
-    _m._realign_cpu_tensors(pipe)
-    return pipe
-
-
-def _pipeline_class(class_name: str):
-    import diffusers
-
-    if class_name not in _PIPELINE_CLASSES:
-        raise ConfigError(
-            f"the model holds a {class_name or 'unnamed'} pipeline (model_index.json _class_name); expected one of "
-            f"{_PIPELINE_CLASSES}. Point --model at an SD1.5 or SDXL diffusers directory."
-        )
-    return getattr(diffusers, class_name)
-
-
-def _load_local(path: Path, dtype: torch.dtype):
-    from tokprune import models as _m
-
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise ModelNotFoundError(f"--model {str(path)!r}: {index} is missing; expected a diffusers pipeline directory")
-    cls = _pipeline_class(str(json.loads(index.read_text()).get("_class_name", "")))
-    try:
-        return cls.from_pretrained(str(path), local_files_only=True, **_m.dtype_kwarg(dtype))
-    except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"--model {str(path)!r}: the diffusers directory did not load ({_m._first_line(exc)})") from exc
-
-
-def _load_hub(name: str, hub_id: str, dtype: torch.dtype):
-    from diffusers import DiffusionPipeline
-
-    from tokprune import models as _m
-
-    try:
-        return DiffusionPipeline.from_pretrained(hub_id, local_files_only=True, **_m.dtype_kwarg(dtype))
-    except Exception as exc:  # noqa: BLE001 - "not usable from the cache"
-        cache_error = _m._first_line(exc)
-    reason = _m._offline_reason()
-    if reason is not None:
-        raise ModelNotFoundError(
-            f"--model {name!r}: the weights of hub id {hub_id!r} are not in the local Hugging Face cache and this "
-            f"machine appears offline ({reason}). Pass a local diffusers directory instead (--model /path/to/dir), "
-            f"or download it where there is internet (`hf download {hub_id} --local-dir DIR`) and copy DIR here. "
-            f"(cache lookup: {cache_error})"
-        )
-    try:
-        return DiffusionPipeline.from_pretrained(hub_id, **_m.dtype_kwarg(dtype))
-    except Exception as exc:  # noqa: BLE001
-        raise ModelNotFoundError(
-            f"--model {name!r}: downloading hub id {hub_id!r} failed ({_m._first_line(exc)}). Check the hub id and "
-            f"your network, or pass a local diffusers directory (--model /path/to/dir)."
-        ) from exc
+    return _m.load_pipeline(name_or_path, dtype=dtype, device=device)

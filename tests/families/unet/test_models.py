@@ -73,3 +73,13 @@ def test_unsupported_call_arguments_are_refused():
                           {"mid_block_additional_residual": torch.zeros(1)})  # fmt: skip
     with pytest.raises(ConfigError, match="77"):
         FAMILY.text_tokens(pipe, 128)
+
+
+def test_local_directory_round_trip(tmp_path):
+    """A saved sd15-tiny loads back through the generic loader as a StableDiffusionPipeline with the same U-Net."""
+    pipe = build_pipeline("sd15-tiny")
+    pipe.save_pretrained(tmp_path / "sd15")
+    back = load_pipeline(str(tmp_path / "sd15"))
+    assert type(back).__name__ == "StableDiffusionPipeline"
+    a, b = dict(pipe.unet.named_parameters()), dict(back.unet.named_parameters())
+    assert all(torch.equal(a[k], b[k]) for k in a)
