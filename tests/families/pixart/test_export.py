@@ -156,3 +156,22 @@ def test_text_kv_input_buckets_export_and_chain_with_the_prompt_graph(tmp_path, 
                               added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
             assert np.abs(noise - diffusers.numpy()).max() <= 1e-4
     assert np.abs(noise - ref.numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("kw", [dict(image_keep=192, record_text=True), dict(image_keep=64, reuse="features")],
+                         ids=["dense-probe", "features"])
+def test_probe_and_features_buckets_match_pytorch(tmp_path, kw):
+    """The dense probe bucket (text_mass output) and a reuse='features' bucket export and match PyTorch."""
+    from tokprune.export.equivalence import check_equivalence
+    from tokprune.export.onnx_export import export_bucket_onnx, finalize_onnx
+    from tokprune.export.spec import BucketSpec
+
+    model = build_tiny_transformer()
+    g = PixArtGeometry.from_model(model, batch=2, latent_hw=(32, 24), text_tokens=40)
+    spec = BucketSpec(g, **kw)
+    raw = tmp_path / "raw" / "m.onnx"
+    export_bucket_onnx(model, spec, raw)
+    onnx.save_model(finalize_onnx(raw, spec), str(tmp_path / "b.onnx"), save_as_external_data=True, location="b.data")
+    report = check_equivalence(model, spec, tmp_path / "b.onnx", threads=1)
+    assert report["status"] == "passed" and report["worst"] <= 1e-4
+    assert ("text_mass" in report["max_abs"]) == bool(kw.get("record_text"))
