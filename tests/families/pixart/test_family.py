@@ -184,3 +184,15 @@ def test_rollout_pieces_reproduce_the_pipeline_loop(pipe):
                generator=torch.Generator().manual_seed(0)).images
     assert protect.shape == (4, 24) and protect.sum().item() == 4  # one EOS per row
     assert np.abs(images - ref).max() <= 1e-5
+
+
+def test_features_reuse_runs_in_the_pipeline(pipe):
+    plan = pruning.PrunePlan.from_ratios([1, 1, 0.5, 0.25, 0.5, 0.5], num_tokens=256)
+    ref = _images(pipe, 4.5)
+    out = {}
+    for reuse in ("noise", "features"):
+        with applied(pipe, plan, reuse=reuse) as pruner:
+            out[reuse] = _images(pipe, 4.5)
+            assert set(pruner.state.caches) >= {"blocks.0.attn", "blocks.0.cross", "blocks.0.ff"} or reuse == "noise"
+    assert 0 < np.abs(out["features"] - ref).mean() < 0.05
+    assert not np.array_equal(out["features"], out["noise"])
