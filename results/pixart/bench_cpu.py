@@ -52,7 +52,7 @@ def export(args: argparse.Namespace) -> int:
     pipe = load_pipeline("pixart-medium")
     sched = baseline_schedule(pipe, "cat", budget=args.budget, steps=STEPS, guidance=GUIDANCE, max_sequence_length=MSL,
                               model="pixart-medium", align=16)
-    path = Path(args.out).with_suffix(".schedule.json")
+    path = Path(args.schedule)
     sched.save(path)
     t = time.perf_counter()
     res = export_model(ExportConfig(model="pixart-medium", schedule_file=str(path)), args.out, force=True, progress=False)
@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("export")
     e.add_argument("--out", required=True)
     e.add_argument("--budget", type=float, default=0.5)
+    e.add_argument("--schedule", default=str(Path(__file__).parent / "pixart-medium-s10-b0.5-cat.schedule.json"),
+                   help="where the CAT schedule is written (exported from there)")
     b = sub.add_parser("bench")
     b.add_argument("--engines", required=True)
     b.add_argument("--threads", type=int, required=True)
