@@ -1,12 +1,13 @@
 """ONNX Runtime buckets vs PyTorch eager on ``sd15-medium`` (random weights: speed only).
 
-Exports the three buckets of the DaTo + DeepCache plan (dense full step, K = N/4 full step, K = N/4
-cached step; each checked against PyTorch <= 1e-4 at export), then times, in one process with the same
+Solves a DaTo + DeepCache plan to ``--budget`` (``families/unet/schedule.budget_plan``: one dense step,
+then K tokens, ``--cache-interval``), exports its three buckets (dense full step, K full step, K cached
+step; each checked against PyTorch <= 1e-4 at export), then times, in one process with the same
 prompt / seed / steps: eager dense (diffusers), ONNX Runtime with the dense bucket every step, eager
 pruned (the plan), ONNX Runtime pruned (the plan), and one call of each bucket vs its MAC prediction.
 Single-threaded (torch and ONNX Runtime) so a shared CPU perturbs both alike.
 
-    OMP_NUM_THREADS=1 .venv/bin/python results/unet/bench_ort.py --steps 8 --out results/unet
+    OMP_NUM_THREADS=1 .venv/bin/python results/unet/bench_ort.py --steps 8 --budget 0.5 --cache-interval 3 --out results/unet
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--height", type=int, default=512)
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--cache-interval", type=int, default=3)
     ap.add_argument("--work", default=None, help="folder for the ONNX files (default: a temporary folder)")
     ap.add_argument("--out", default="results/unet")
     args = ap.parse_args()
@@ -53,9 +56,11 @@ def main() -> None:
     lat = args.height // pipe.vae_scale_factor
     g = UNetGeometry.from_config(pipe.unet.config, batch=2, latent_hw=(lat, lat), text_tokens=77)
     n, w, steps = g.num_tokens, g.windows, args.steps
-    alt = tuple(s > 0 and s % 2 == 0 for s in range(steps))
-    plan = PrunePlan((ALL,) + (w,) * (steps - 1), step_cache=alt)
-    keys = [BucketKey(n), BucketKey(w), BucketKey(w, cached=True)]
+    from tokprune.families.unet.schedule import budget_plan
+
+    plan = budget_plan(g, steps=steps, budget=args.budget, cache_interval=args.cache_interval)
+    k = plan.image_keep[-1]
+    keys = [BucketKey(n), BucketKey(k), BucketKey(k, cached=True)]
     work = Path(args.work or tempfile.mkdtemp(prefix="tokprune-unet-onnx-"))
     export = {}
     for key in keys:
@@ -88,13 +93,14 @@ def main() -> None:
         get_pruner(pipe).runner = runner
 
     dense_ort = row("ONNX Runtime, dense bucket every step", 1.0, ort_dense)
-    eager = row("PyTorch eager, DaTo K=N/4 + DeepCache interval 2", mac_fraction(g, plan), lambda: apply(pipe, plan))
+    label = f"DaTo K={k} + DeepCache interval {args.cache_interval} (budget {args.budget:g})"
+    eager = row(f"PyTorch eager, {label}", mac_fraction(g, plan), lambda: apply(pipe, plan))
 
     def ort_plan():
         apply(pipe, plan)
         get_pruner(pipe).runner = runner
 
-    ort_out = row("ONNX Runtime, DaTo K=N/4 + DeepCache interval 2", mac_fraction(g, plan), ort_plan)
+    ort_out = row(f"ONNX Runtime, {label}", mac_fraction(g, plan), ort_plan)
     base = min(rows[0]["seconds"])
     for r in rows:
         r["speedup_vs_eager_dense"] = base / min(r["seconds"])
@@ -107,7 +113,7 @@ def main() -> None:
     feed = dict(sample=torch.randn(2, 4, lat, lat, generator=gen), timestep=torch.tensor([500.0, 500.0]),
                 encoder_hidden_states=torch.randn(2, 77, g.text_dim, generator=gen))  # fmt: skip
     deep = runner(pipe.unet, g, **feed).fresh["deep"]
-    idx = torch.stack([torch.randperm(n, generator=gen)[:w].sort().values] * 2)
+    idx = torch.stack([torch.randperm(n, generator=gen)[:k].sort().values] * 2)
     buckets, dense_t = [], None
     for key in keys:
         kw = dict(feed, img_idx=None if key.keep == n else idx, caches={"deep": deep}, step_kind="cached" if key.cached else "full")
@@ -123,7 +129,8 @@ def main() -> None:
 
     info = {
         "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} .venv/bin/python results/unet/bench_ort.py "
-                   f"--steps {steps} --reps {args.reps} --height {args.height} --out {args.out}",
+                   f"--steps {steps} --reps {args.reps} --height {args.height} --budget {args.budget:g} "
+                   f"--cache-interval {args.cache_interval} --out {args.out}",
         "machine": f"{platform.machine()} {os.cpu_count()} logical CPUs, shared; load average at end {os.getloadavg()}",
         "versions": f"torch {torch.__version__} ({torch.get_num_threads()} thread), onnxruntime {onnxruntime.__version__} "
                     f"(1 intra-op thread), diffusers {diffusers.__version__}",
