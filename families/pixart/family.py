@@ -191,12 +191,10 @@ class PixArtFamily(ModelFamily):
 
     def bind_pipeline(self, pipe: Any, pruner: Any) -> None:
         """Make ``pipe`` report each call's CFG scale (``pipe.guidance_scale`` / ``do_classifier_free_guidance``,
-        which the sampler reads) and hand its T5 EOS mask to ``pruner.call_text_protect``. Replaces the SD3
-        tokenizer-based protection the generic ``apply`` installs (which finds nothing on a T5-only pipeline)."""
+        which the sampler reads) and hand its T5 EOS mask to ``pruner.call_text_protect`` (instead of the
+        base class's SD3 tokenizer-based protection, which finds nothing on a T5-only pipeline)."""
         from tokprune.families.pixart import pipeline_hooks
-        from tokprune.pruning.text import uninstall_text_protect
 
-        uninstall_text_protect(pipe)
         pipeline_hooks.bind(pipe, lambda mask: setattr(pruner, "call_text_protect", mask))
 
     def unbind_pipeline(self, pipe: Any) -> None:

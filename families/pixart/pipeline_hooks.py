@@ -15,9 +15,9 @@ tokprune's sampler and runtime read two things from the pipeline while it runs:
 Example::
 
     from tokprune import pruning
-    from tokprune.families.pixart import FAMILY
-    pruner = pruning.apply(pipe, plan)
-    FAMILY.bind_pipeline(pipe, pruner)      # until the generic apply() calls it itself
+    pruner = pruning.apply(pipe, plan)      # calls FAMILY.bind_pipeline(pipe, pruner), which calls bind()
+    pipe("a red circle", guidance_scale=4.5)
+    pipe.guidance_scale, pruner.call_text_protect.shape    # 4.5, (2, 300)
 """
 
 from __future__ import annotations

@@ -31,24 +31,11 @@ STEPS, GUIDANCE, PROMPT = 10, 4.5, "a red circle on the left of a blue square"
 MSL = 80
 
 
-def _register() -> None:
-    from tokprune import models
-    from tokprune.families.pixart import FAMILY
-    from tokprune.pruning.family import register_family
-
-    register_family(FAMILY, replace=True)
-    known = models.available_models()
-    for name, (loader, description) in FAMILY.builtins().items():
-        if name not in known:
-            models.register_builtin(name, loader, description)
-
-
 def export(args: argparse.Namespace) -> int:
     from tokprune.calibrate.api import baseline_schedule
     from tokprune.export.exporter import ExportConfig, export_model
     from tokprune.models import load_pipeline
 
-    _register()
     pipe = load_pipeline("pixart-medium")
     sched = baseline_schedule(pipe, "cat", budget=args.budget, steps=STEPS, guidance=GUIDANCE, max_sequence_length=MSL,
                               model="pixart-medium", align=16)
@@ -74,11 +61,9 @@ def bench(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    _register()
     from tokprune import runtime
     from tokprune.export.manifest import load_manifest
     from tokprune.export.runners.ort import OnnxRuntimeRunner
-    from tokprune.families.pixart import FAMILY
     from tokprune.models import load_pipeline
 
     manifest = load_manifest(args.engines)
@@ -105,14 +90,12 @@ def bench(args: argparse.Namespace) -> int:
                     out = _median_call(call, 1)
                     latents[arm] = call() if r == 0 else latents.get(arm, None)
                 else:
-                    view = runtime.attach(pipe, views[arm])
-                    FAMILY.bind_pipeline(pipe, view._pruner)
+                    runtime.attach(pipe, views[arm])  # binds the pipeline (CFG scale, T5 EOS) through the family
                     try:
                         out = _median_call(call, 1)
                         if r == 0:
                             latents[arm] = call()
                     finally:
-                        FAMILY.unbind_pipeline(pipe)
                         runtime.detach(pipe)
                 if r > 0:
                     times[arm] += out

@@ -42,12 +42,10 @@ def _generate(pipe, **kw):
 
 @contextlib.contextmanager
 def _engines(pipe, directory):
-    view = runtime.attach(pipe, directory, backend="onnxruntime")
-    FAMILY.bind_pipeline(pipe, view._pruner)  # what attach() will do through the family once wired
+    view = runtime.attach(pipe, directory, backend="onnxruntime")  # binds the pipeline through the family
     try:
         yield view
     finally:
-        FAMILY.unbind_pipeline(pipe)
         runtime.detach(pipe)
 
 
@@ -69,12 +67,11 @@ def test_engines_run_the_pipeline_as_the_eager_pruner_does(export_half):
         plan = view.plan
         engine = _generate(pipe)
         assert view.calls == sum(k != 0 for k in plan.image_keep)
-    pruner = pruning.apply(pipe, plan, policy=export_half.manifest["policy"])
-    FAMILY.bind_pipeline(pipe, pruner)
+        assert view._pruner.state.guidance == 4.5  # CFG read from the bound pipeline: one selection per prompt
+    pruning.apply(pipe, plan, policy=export_half.manifest["policy"])
     try:
         eager = _generate(pipe)
     finally:
-        FAMILY.unbind_pipeline(pipe)
         pruning.remove(pipe)
     dense = _generate(pipe)
     assert np.abs(engine - eager).max() <= 1e-4  # same plan, same selections: only ONNX Runtime's rounding

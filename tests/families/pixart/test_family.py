@@ -25,15 +25,11 @@ def pipe():
 
 @contextlib.contextmanager
 def applied(pipe, plan, **kw):
-    """pruning.apply + the family's pipeline binding (CFG scale, T5 EOS), undone on exit.
-
-    The generic apply() does not call ``family.bind_pipeline`` yet; once it does, this is apply/remove."""
+    """pruning.apply (which binds the pipeline through the family: CFG scale, T5 EOS), removed on exit."""
     pruner = pruning.apply(pipe, plan, **kw)
-    FAMILY.bind_pipeline(pipe, pruner)
     try:
         yield pruner
     finally:
-        FAMILY.unbind_pipeline(pipe)
         pruning.remove(pipe)
 
 
