@@ -9,7 +9,8 @@ tokprune's sampler and runtime read two things from the pipeline while it runs:
   unmasked position of each row's ``prompt_attention_mask``.
 
 :func:`bind` records both per call: the pipeline's class is swapped for a same-named subclass whose
-``__call__`` sets the two attributes, and ``encode_prompt`` is wrapped (instance attribute) to hand the
+``__call__`` sets the two attributes (and reads ``negative_prompt=None``, which generic callers pass
+as SD3 takes it, as PixArt's default ``""``), and ``encode_prompt`` is wrapped (instance attribute) to hand the
 ``[uncond; cond]`` EOS mask to a sink. :func:`unbind` restores class and attributes exactly.
 
 Example::
@@ -55,6 +56,8 @@ def _recording(cls: type) -> type:
         scale = float(bound.arguments.get("guidance_scale", inspect.signature(cls.__call__).parameters["guidance_scale"].default))
         self.__dict__["guidance_scale"] = scale
         self.__dict__["do_classifier_free_guidance"] = scale > 1.0  # the pipeline's own rule
+        if "negative_prompt" in kwargs and kwargs["negative_prompt"] is None:
+            kwargs["negative_prompt"] = ""  # PixArt's default; None (SD3's default, what generic callers pass) fails
         return cls.__call__(self, *args, **kwargs)
 
     sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})

@@ -115,6 +115,8 @@ def test_bind_pipeline_is_undone_exactly(pipe):
         assert type(pipe).__name__ == cls.__name__ and isinstance(pipe, cls) and family_for(pipe) is FAMILY
         _images(pipe, 3.0)
         assert pipe.guidance_scale == 3.0 and pipe.do_classifier_free_guidance
+        # generic callers (tokprune-generate) pass negative_prompt=None as SD3 takes it: PixArt's "" is meant
+        assert np.array_equal(_images(pipe, 3.0, negative_prompt=None), _images(pipe, 3.0, negative_prompt=""))
     assert type(pipe) is cls and pipe.encode_prompt == encode
     assert not hasattr(pipe, "guidance_scale") and "encode_prompt" not in pipe.__dict__
 
