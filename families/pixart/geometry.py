@@ -135,6 +135,12 @@ class PixArtGeometry:
 
         return bucket_step_macs(self, keep, keep_text, reuse, probe=probe)
 
+    def diffusers_dense_macs(self) -> int:
+        """MACs of one stock diffusers call (:func:`tokprune.families.pixart.macs.diffusers_dense_macs`)."""
+        from tokprune.families.pixart.macs import diffusers_dense_macs
+
+        return diffusers_dense_macs(self)
+
     def as_dynamic(self) -> "PixArtGeometry":
         """This geometry with a ``num_tokens`` no K equals: traced through :func:`pruned_forward` it never takes
         the K == N shortcut, so one graph with a dynamic K serves every bucket (the export's ``graph.onnx``)."""

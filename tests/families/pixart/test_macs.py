@@ -83,7 +83,8 @@ def test_plan_accounting():
     # The text stage is paid once per run, not per step: small against 28 steps at 1024².
     assert macs.prompt_macs(g) < 0.01 * 28 * macs.dense_macs(g)
     # One diffusers call recomputes it.
-    assert macs.diffusers_dense_macs(g) == macs.dense_macs(g) + macs.prompt_macs(g)
+    assert macs.diffusers_dense_macs(g) == macs.dense_macs(g) + macs.prompt_macs(g) == g.diffusers_dense_macs()
+    assert g.step_macs(2048) == macs.step_macs(g, 2048) + macs.prompt_macs(g)  # buckets recompute the text stage
     assert macs.step_macs(g, 0) == 0
     with pytest.raises(ConfigError, match="keep"):
         macs.step_macs(g, g.num_tokens + 1)
