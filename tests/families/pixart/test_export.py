@@ -172,3 +172,13 @@ def test_probe_and_features_buckets_match_pytorch(tmp_path, kw):
     report = check_equivalence(model, spec, tmp_path / "b.onnx", threads=1)
     assert report["status"] == "passed" and report["worst"] <= 1e-4
     assert ("text_mass" in report["max_abs"]) == bool(kw.get("record_text"))
+
+
+def test_engines_refuse_another_architecture(export_half):
+    from tokprune.errors import ManifestError
+    from tokprune.families.pixart.models import build_pipeline
+
+    other = build_pipeline(build_tiny_transformer(num_layers=3))
+    with pytest.raises(ManifestError, match="fingerprint"):
+        runtime.attach(other, export_half.directory, backend="onnxruntime")
+    assert type(other.transformer).__name__ == "PixArtTransformer2DModel"  # left as it was
