@@ -149,6 +149,11 @@ class ModelFamily(abc.ABC):
     denoiser_classes: tuple[str, ...] = ()
     #: ``--model`` aliases of real checkpoints: name -> hub id.
     aliases: Mapping[str, str] = {}
+    #: The selection policy ``apply`` uses by default (``cat``; U-Nets: ``dynamics``, DaTo's).
+    default_policy: str = "cat"
+    #: Every output token is recomputed within a pruned step (U-Nets restore pruned tokens from kept ones),
+    #: so a policy re-scores all rows; False where unselected rows reuse the previous prediction (CAT).
+    outputs_all_tokens: bool = False
     #: Text-length knob bounds (``max_sequence_length``), None when the family has none.
     max_sequence_bounds: tuple[int, int] | None = None
 
@@ -164,6 +169,20 @@ class ModelFamily(abc.ABC):
         if denoiser is not None:
             names.add(type(denoiser).__name__)
         return bool(names & set(self.denoiser_classes)) or type(obj).__name__ in self.pipeline_classes
+
+    def bind_pipeline(self, pipe: Any, pruner: Any) -> None:
+        """Instrument ``pipe`` so each call hands ``pruner`` what its denoiser cannot see: the special-token
+        mask of the call's text rows (``pruner.call_text_protect``). Default: the SD3-style wrapper of
+        ``encode_prompt`` (:mod:`tokprune.pruning.text`); families override it for their pipelines."""
+        from tokprune.pruning.text import install_text_protect
+
+        install_text_protect(pipe, lambda mask: setattr(pruner, "call_text_protect", mask))
+
+    def unbind_pipeline(self, pipe: Any) -> None:
+        """Undo :meth:`bind_pipeline`: the pipeline is bit for bit the original."""
+        from tokprune.pruning.text import uninstall_text_protect
+
+        uninstall_text_protect(pipe)
 
     def denoiser(self, pipe: Any) -> torch.nn.Module:
         """The module tokprune prunes or replaces (``pipe.transformer`` / ``pipe.unet``), or ``pipe`` itself

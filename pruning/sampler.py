@@ -49,6 +49,7 @@ class StepInputs:
     img_idx: torch.Tensor  # (B, K) int64
     txt_idx: torch.Tensor | None  # (B, K_txt) int64 or None (all text)
     record_text: bool  # also measure the attention mass text tokens receive
+    cached: bool = False  # a step-caching step (PrunePlan.step_cache; families with deep-feature caches)
 
 
 def eager_executor(pruner: "TokenPruner", st: "RunState", inputs: StepInputs) -> StepOutput:
@@ -70,6 +71,7 @@ def eager_executor(pruner: "TokenPruner", st: "RunState", inputs: StepInputs) ->
         reuse=pruner.reuse,
         inplace=True,
         record_text=inputs.record_text,
+        **({"cached": True} if inputs.cached else {}),  # only families with step caching take it
     )
 
 
@@ -106,7 +108,7 @@ class TokenPruner:
         transformer: torch.nn.Module | None,
         plan: PrunePlan,
         *,
-        policy: Any = "cat",
+        policy: Any = None,
         seed: int = 0,
         reuse: str = "noise",
         text_protect: torch.Tensor | None = None,
@@ -129,6 +131,7 @@ class TokenPruner:
         self.transformer = transformer  # None when the executor runs something else (the runtime's engines)
         self.family = family_for(transformer) if family is None else get_family(family)
         self.plan = plan
+        policy = self.family.default_policy if policy is None else policy
         self.policy = make_policy(policy, seed=seed) if isinstance(policy, str) else policy
         self.reuse = reuse
         self.text_protect = text_protect  # static (T,) / (B, T) mask given by the user
@@ -149,10 +152,19 @@ class TokenPruner:
         self.state = None
 
     def _step_index(self) -> int | None:
-        if self.scheduler is None:
+        """The scheduler's step index; None (count calls) without a scheduler or for schedulers that keep
+        none (DDIM, PNDM): there a call at the scheduler's first timestep starts a new run."""
+        if self.scheduler is None or not hasattr(self.scheduler, "step_index"):
             return None
-        idx = getattr(self.scheduler, "step_index", None)
+        idx = self.scheduler.step_index
         return 0 if idx is None else int(idx)
+
+    def _restarted(self, timestep: torch.Tensor | None) -> bool:
+        """Counting calls: whether this call is at the scheduler's first timestep after the run began."""
+        ts = getattr(self.scheduler, "timesteps", None) if self.scheduler is not None else None
+        if ts is None or timestep is None or self.state is None or self.state.step == 0 or len(ts) == 0:
+            return False
+        return bool(timestep.reshape(-1)[0].to(ts.device, ts.dtype) == ts[0])  # one host read per call (eager)
 
     def _check_scheduler_steps(self) -> None:
         """At the start of a run: the scheduler's step count must be the plan's (a shorter call would
@@ -206,8 +218,8 @@ class TokenPruner:
         hidden_states = call.latent
         step = self._step_index()
         st = self.state
-        if step is None:  # no scheduler: count calls, wrap at the end of the plan
-            if st is None or st.step >= self.plan.num_steps:
+        if step is None:  # no step index: count calls, wrap at the end of the plan (or at a restart)
+            if st is None or st.step >= self.plan.num_steps or self._restarted(call.timestep):
                 st = None
             step = 0 if st is None else st.step
         elif step == 0:
@@ -249,6 +261,8 @@ class TokenPruner:
             return st.prev_noise.clone()
         if keep < n and st.prev_noise is None:
             raise ConfigError(f"plan step {step} prunes (K={keep}) but no dense step has run before it")
+        if keep == n and self.plan.is_cached(step) and st.prev_noise is None:
+            raise ConfigError(f"plan step {step} is a cached step but no full step has run before it")
 
         if keep == n:
             idx = torch.arange(n, device=latent.device).expand(g.batch, n)
@@ -273,6 +287,7 @@ class TokenPruner:
                 img_idx=idx,
                 txt_idx=txt_idx,
                 record_text=step in self.probe_steps,  # only the dense step before text pruning
+                cached=self.plan.is_cached(step),
             ),
         )
         self.calls += 1
@@ -282,7 +297,8 @@ class TokenPruner:
         self.policy.observe(
             self.selection_signal(st, out.noise),
             dense=self.plan.is_dense(step),  # a text-pruned step is not a fresh reference
-            selected=None if keep == n else idx[: st.prompts],
+            # families whose every output token is recomputed within the step (U-Nets) re-score all rows
+            selected=None if keep == n or self.family.outputs_all_tokens else idx[: st.prompts],
         )
         return out.noise
 
@@ -344,7 +360,7 @@ def apply(
     target: Any,
     plan: PrunePlan,
     *,
-    policy: Any = "cat",
+    policy: Any = None,
     seed: int = 0,
     reuse: str = "noise",
     text_protect: torch.Tensor | None = None,
@@ -355,8 +371,9 @@ def apply(
 
     Args that matter:
         plan: keep counts per step (:class:`PrunePlan`); its length must equal ``num_inference_steps``.
-        policy: ``"cat"`` (recommended; needs a dense first step), ``"dynamics"``, ``"random"``, or a
-            :class:`~tokprune.pruning.policies.SelectionPolicy` instance.
+        policy: ``"cat"`` (recommended for transformers; needs a dense first step), ``"dynamics"`` (DaTo's;
+            the U-Net family's default), ``"random"``, or a :class:`~tokprune.pruning.policies.SelectionPolicy`
+            instance. None: the model family's default.
     Args to tinker with:
         reuse: ``"noise"`` (CAT: unselected rows reuse the previous prediction; K/V caches only) or
             ``"features"`` (rebuild every token from cached attention/FF outputs with current gates).
@@ -374,7 +391,6 @@ def apply(
     Applying twice replaces the first hook (idempotent). Returns the hook.
     """
     from tokprune.pruning.hooks import install_forward
-    from tokprune.pruning.text import install_text_protect
 
     transformer, scheduler = _split(target)
     pipeline = target if transformer is not target else None
@@ -385,19 +401,18 @@ def apply(
     )
     install_forward(transformer, HOOK_NAME, pruner)  # diffusers' hook registry (pruning/hooks.py)
     if pipeline is not None:
-        install_text_protect(pipeline, lambda mask: setattr(pruner, "call_text_protect", mask))
+        pruner.family.bind_pipeline(pipeline, pruner)  # special-token masks (and what else the family needs)
     return pruner
 
 
 def remove(target: Any) -> None:
     """Undo :func:`apply`: the module (and pipeline) are bit-for-bit the original (no parameter was ever touched)."""
     from tokprune.pruning.hooks import uninstall_forward
-    from tokprune.pruning.text import uninstall_text_protect
 
     transformer, _ = _split(target)
     uninstall_forward(transformer, HOOK_NAME)
     if transformer is not target:
-        uninstall_text_protect(target)
+        family_for(target).unbind_pipeline(target)
 
 
 def get_pruner(target: Any) -> TokenPruner | None:

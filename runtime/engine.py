@@ -293,16 +293,14 @@ class EngineTransformer(torch.nn.Module):
 
     def bind_pipeline(self, pipe: Any) -> None:
         """Read CFG and special tokens from ``pipe``'s calls (what :func:`attach` does); None unbinds."""
-        from tokprune.pruning.text import install_text_protect, uninstall_text_protect
-
+        family = self._pruner.family
         old = self._pruner.pipeline
         if old is not None:
-            uninstall_text_protect(old)
+            family.unbind_pipeline(old)
         self._pruner.pipeline = pipe
         self._pruner.call_text_protect = None
         if pipe is not None:
-            pruner = self._pruner
-            install_text_protect(pipe, lambda mask: setattr(pruner, "call_text_protect", mask))
+            family.bind_pipeline(pipe, self._pruner)
 
     def reset(self) -> None:
         """Forget the current run (after an aborted generation) and release this view."""

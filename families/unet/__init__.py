@@ -1,7 +1,8 @@
 """Stable Diffusion U-Nets (SD1.5, SDXL): DaTo token pruning, cross-attention text pruning, DeepCache.
 
-``FAMILY`` is the :class:`~tokprune.pruning.family.ModelFamily` (``sd-unet``); :func:`apply` /
-:func:`remove` prune a pipeline eagerly (DeepCache steps included). See ``families/unet/README.md``.
+``FAMILY`` is the :class:`~tokprune.pruning.family.ModelFamily` (``sd-unet``); the generic
+:func:`tokprune.pruning.apply` / :func:`~tokprune.pruning.remove` (re-exported here) prune a pipeline
+eagerly, DeepCache steps (``PrunePlan.step_cache``) included. See ``families/unet/README.md``.
 
 Example::
 
@@ -17,34 +18,11 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
-
 from tokprune.families.unet.family import UNetFamily
-from tokprune.pruning.family import register_family
+from tokprune.pruning.sampler import apply, get_pruner, remove  # the generic hook drives U-Nets too
 
-FAMILY = UNetFamily()
-# Found through the `tokprune.families` entry point once pyproject lists it; registering here too
-# makes `family_for(unet)` work wherever this module is imported.
-register_family(FAMILY, replace=True)
+FAMILY = UNetFamily()  # found through the `tokprune.families` entry point (pyproject.toml)
 
 __all__ = ["FAMILY", "UNetFamily", "apply", "get_pruner", "remove"]
 
 
-def apply(*args: Any, **kwargs: Any):
-    """:func:`tokprune.families.unet.sampler.apply`."""
-    from tokprune.families.unet.sampler import apply as _apply
-
-    return _apply(*args, **kwargs)
-
-
-def remove(target: Any) -> None:
-    """:func:`tokprune.families.unet.sampler.remove`."""
-    from tokprune.families.unet.sampler import remove as _remove
-
-    _remove(target)
-
-
-def get_pruner(target: Any):
-    from tokprune.families.unet.sampler import get_pruner as _get
-
-    return _get(target)

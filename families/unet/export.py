@@ -1,4 +1,4 @@
-"""Static-shape U-Net buckets as ONNX graphs, and an ONNX Runtime step runner for :class:`UNetPruner`.
+"""Static-shape U-Net buckets as ONNX graphs, and an ONNX Runtime executor for the generic sampler.
 
 A bucket is one (K, K_txt, step kind) of one call geometry. Its graph is the family's pure pruned
 forward: inputs ``latent``, ``timestep`` (float32), the family's conditions, ``img_idx`` (pruned buckets),
@@ -14,7 +14,7 @@ Example::
     key = BucketKey(keep=1024, keep_text=None, cached=True)
     export_bucket(pipe.unet, geometry, key, "bucket.onnx")
     runner = OrtRunner({key: "bucket.onnx"})
-    pruner.runner = runner        # the eager hook now runs its steps in ONNX Runtime
+    pruner.executor = runner      # the pruning hook now runs its steps in ONNX Runtime
 """
 
 from __future__ import annotations
@@ -127,10 +127,10 @@ def export_bucket(unet: torch.nn.Module, g: UNetGeometry, key: BucketKey, path: 
 
 
 class OrtRunner:
-    """A step runner with :func:`unet_forward`'s signature that runs exported buckets in ONNX Runtime.
+    """An executor (``TokenPruner.executor``) that runs exported U-Net buckets in ONNX Runtime.
 
-    Set it as ``UNetPruner.runner``; every step must have its bucket (``KeyError`` otherwise names the
-    missing bucket). Full buckets copy ``fresh.deep`` into ``caches['deep']`` (the eager contract).
+    Every step must have its bucket (``KeyError`` otherwise names the missing bucket). Full buckets copy
+    ``fresh.deep`` into the run's ``caches['deep']`` (the eager contract).
     """
 
     def __init__(self, buckets: Mapping[BucketKey, str | Path], *, threads: int | None = None) -> None:
@@ -142,19 +142,20 @@ class OrtRunner:
         self.sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in buckets.items()}
         self.inputs = {k: {i.name for i in s.get_inputs()} for k, s in self.sessions.items()}
 
-    def __call__(self, unet: Any, g: UNetGeometry, *, sample: torch.Tensor, timestep: torch.Tensor,
-                 encoder_hidden_states: torch.Tensor, text_embeds: torch.Tensor | None = None,
-                 time_ids: torch.Tensor | None = None, img_idx: torch.Tensor | None = None,
-                 txt_idx: torch.Tensor | None = None, caches: dict[str, torch.Tensor] | None = None,
-                 step_kind: str = "full", inplace: bool = False, record_text: bool = False) -> StepOutput:  # fmt: skip
-        if record_text:
+    def __call__(self, pruner: Any, st: Any, inputs: Any) -> StepOutput:
+        """The sampler's executor contract (:func:`tokprune.pruning.sampler.eager_executor`): run the step's
+        bucket, copy ``fresh.deep`` into the run's cache, return the step's output."""
+        g: UNetGeometry = st.geometry
+        if inputs.record_text:
             raise ConfigError("the ONNX Runtime runner has no text-importance probe bucket; run probe steps eagerly")
+        img_idx = inputs.img_idx if inputs.img_idx.shape[1] < g.num_tokens else None
         keep = g.num_tokens if img_idx is None else img_idx.shape[1]
-        key = BucketKey(keep, None if txt_idx is None else txt_idx.shape[1], step_kind == "cached")
+        key = BucketKey(keep, None if inputs.txt_idx is None else inputs.txt_idx.shape[1], bool(inputs.cached))
         if key not in self.sessions:
             raise KeyError(f"no exported bucket {key.name}; have {[k.name for k in self.sessions]}")
-        feed = {"latent": sample, "timestep": timestep.float().expand(g.batch), "encoder_hidden_states": encoder_hidden_states,
-                "text_embeds": text_embeds, "time_ids": time_ids, "img_idx": img_idx, "txt_idx": txt_idx,
+        caches = st.caches
+        feed = {"latent": inputs.latent, "timestep": inputs.timestep.float().expand(g.batch), **inputs.conditions,
+                "img_idx": img_idx, "txt_idx": inputs.txt_idx,
                 "cache.deep": None if caches is None else caches.get("deep")}  # fmt: skip
         names = self.inputs[key]
         out = self.sessions[key].run(None, {n: x.detach().contiguous().numpy() for n, x in feed.items() if n in names})
@@ -162,6 +163,6 @@ class OrtRunner:
         fresh = {}
         if not key.cached:
             fresh["deep"] = torch.from_numpy(out[1])
-            if inplace and caches is not None and "deep" in caches:
+            if caches is not None and "deep" in caches:
                 caches["deep"].copy_(fresh["deep"])
         return StepOutput(noise=noise, fresh=fresh)

@@ -35,6 +35,20 @@ class UNetFamily(ModelFamily):
 
         return {name: (fn, DESCRIPTIONS[name]) for name, fn in BUILTINS.items()}
 
+    default_policy = "dynamics"  # DaTo: dynamics scores, one base token per 2x2 window always kept
+    outputs_all_tokens = True  # pruned tokens are restored within the step from their most similar kept token
+
+    def bind_pipeline(self, pipe: Any, pruner: Any) -> None:
+        """Hand each call's CLIP BOS/EOS mask to ``pruner`` (SD1.5 calls ``encode_prompt`` positionally)."""
+        from tokprune.families.unet import text as unet_text
+
+        unet_text.install(pipe, lambda mask: setattr(pruner, "call_text_protect", mask))
+
+    def unbind_pipeline(self, pipe: Any) -> None:
+        from tokprune.families.unet import text as unet_text
+
+        unet_text.uninstall(pipe)
+
     # ---- call settings -------------------------------------------------------------------
     def text_tokens(self, pipe: Any, max_sequence_length: int | None) -> int:
         """CLIP rows (77): SD pipelines pad every prompt to the tokenizer's length."""
@@ -80,6 +94,8 @@ class UNetFamily(ModelFamily):
                        record_text: bool = False, cached: bool = False) -> Any:  # fmt: skip
         """The pruned U-Net step. ``prev_noise`` and ``reuse`` are unused (DaTo restores pruned tokens within
         the step); ``cached=True`` runs a DeepCache step from ``caches['deep']``."""
+        if img_idx is not None and img_idx.shape[1] == geometry.num_tokens:
+            img_idx = None  # keep-all: the dense step (the generic sampler passes every index)
         return unet_forward(
             model, geometry, sample=latent, timestep=timestep, encoder_hidden_states=conditions["encoder_hidden_states"],
             text_embeds=conditions.get("text_embeds"), time_ids=conditions.get("time_ids"), img_idx=img_idx,

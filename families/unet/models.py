@@ -187,7 +187,6 @@ def load_pipeline(name_or_path: str, *, dtype: torch.dtype = torch.float32, devi
     registered: hub ids load from the HF cache and download only when the hub answers; offline and
     uncached it raises :class:`~tokprune.errors.ModelNotFoundError` within seconds, naming the fix.
     """
-    import tokprune.families.unet  # noqa: F401 - registers the family (aliases, built-ins, pipeline classes)
     from tokprune import models as _m
 
     return _m.load_pipeline(name_or_path, dtype=dtype, device=device)

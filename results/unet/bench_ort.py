@@ -90,7 +90,7 @@ def main() -> None:
 
     def ort_dense():
         apply(pipe, PrunePlan.dense(steps))
-        get_pruner(pipe).runner = runner
+        get_pruner(pipe).executor = runner
 
     dense_ort = row("ONNX Runtime, dense bucket every step", 1.0, ort_dense)
     label = f"DaTo K={k} + DeepCache interval {args.cache_interval} (budget {args.budget:g})"
@@ -98,7 +98,7 @@ def main() -> None:
 
     def ort_plan():
         apply(pipe, plan)
-        get_pruner(pipe).runner = runner
+        get_pruner(pipe).executor = runner
 
     ort_out = row(f"ONNX Runtime, {label}", mac_fraction(g, plan), ort_plan)
     base = min(rows[0]["seconds"])

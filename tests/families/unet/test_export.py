@@ -83,12 +83,12 @@ def test_ort_runner_reproduces_the_eager_pruned_run(tmp_path):
     call = dict(prompt="a red circle", num_inference_steps=5, guidance_scale=5.0, output_type="latent", height=32, width=32)
     apply(pipe, plan)
     eager = pipe(**call, generator=torch.Generator().manual_seed(0)).images
-    get_pruner(pipe).runner = runner
+    get_pruner(pipe).executor = runner
     ort_out = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     remove(pipe)
     assert (ort_out - eager).abs().max().item() <= 1e-4
     apply(pipe, PrunePlan.dense(5))
-    get_pruner(pipe).runner = runner  # budget-1.0: the dense bucket every step reproduces the dense run
+    get_pruner(pipe).executor = runner  # budget-1.0: the dense bucket every step reproduces the dense run
     dense_ort = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     remove(pipe)
     dense = pipe(**call, generator=torch.Generator().manual_seed(0)).images
