@@ -71,6 +71,7 @@ class _Snapshot:
     latents: torch.Tensor  # (P, C, H, W) before the step
     state: RunState | None  # the pruner's run state before the step (None before step 0)
     policy: Any
+    scheduler: Any  # the scheduler before the step: multistep solvers (DPM-Solver, PNDM) carry history
     nbytes: int
 
 
@@ -94,6 +95,17 @@ def _state_bytes(latents: torch.Tensor, st: RunState | None) -> int:
         if st.prev_noise is not None:
             total += st.prev_noise.numel() * st.prev_noise.element_size()
     return total
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (a tensor, or a dict / list / tuple of them, nested)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _all_dense(prefix: tuple) -> bool:
@@ -233,11 +245,12 @@ class Rollouts:
             latents = snap.latents.clone()
             pruner.state = _clone_state(snap.state)
             pruner.policy = copy.deepcopy(snap.policy)
-        sched = copy.deepcopy(self._scheduler)
-        sched.set_begin_index(start)
+        # a resumed run continues the scheduler of its snapshot: its step index and, for multistep
+        # solvers, the previous predictions they combine (a fresh scheduler would forget them)
+        sched = copy.deepcopy(self._scheduler if snap is None else snap.scheduler)
         for s in range(start, self.steps):
             if s > start or snap is None:
-                self._store(policy, key[:s], latents, pruner)
+                self._store(policy, key[:s], latents, pruner, sched)
             latents = self._step(pruner, sched, s, latents)
         return latents.float()
 
@@ -270,10 +283,10 @@ class Rollouts:
                 return s, snap
         return 0, None
 
-    def _store(self, policy: str, prefix: tuple, latents: torch.Tensor, pruner: TokenPruner) -> None:
+    def _store(self, policy: str, prefix: tuple, latents: torch.Tensor, pruner: TokenPruner, sched: Any) -> None:
         if not prefix or self.snapshot_bytes <= 0 or (policy, prefix) in self._snapshots:
             return
-        nbytes = _state_bytes(latents, pruner.state)
+        nbytes = _state_bytes(latents, pruner.state) + _tensor_bytes(vars(sched))
         if nbytes > self.snapshot_bytes:
             return
         warm = len(prefix) if _all_dense(prefix) else None
@@ -283,7 +296,8 @@ class Rollouts:
                 return  # everything held is worth more than this one
             self._held -= self._snapshots.pop(victim).nbytes
         self._snapshots[(policy, prefix)] = _Snapshot(
-            latents=latents.clone(), state=_clone_state(pruner.state), policy=copy.deepcopy(pruner.policy), nbytes=nbytes
+            latents=latents.clone(), state=_clone_state(pruner.state), policy=copy.deepcopy(pruner.policy),
+            scheduler=copy.deepcopy(sched), nbytes=nbytes,
         )
         self._held += nbytes
 

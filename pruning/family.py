@@ -403,9 +403,24 @@ def register_family(family: ModelFamily, *, replace: bool = False) -> ModelFamil
 
 @functools.lru_cache(maxsize=1)
 def _discovered() -> tuple[tuple[str, Any], ...]:
-    from importlib.metadata import entry_points
+    return tuple(group_entry_points(ENTRY_POINT_GROUP).items())
 
-    return tuple((ep.name, ep) for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+def group_entry_points(group: str) -> dict[str, Any]:
+    """Entry points of ``group`` across every installed distribution, by name (the first one wins).
+
+    ``importlib.metadata.entry_points(group=...)`` keeps one distribution per name, so a stale
+    ``tokprune.egg-info`` in the working directory (a build left it) would hide the installed
+    package's newer table; the union over all distributions does not.
+    """
+    from importlib.metadata import distributions
+
+    found: dict[str, Any] = {}
+    for dist in distributions():
+        for ep in dist.entry_points:
+            if ep.group == group:
+                found.setdefault(ep.name, ep)
+    return found
 
 
 def _load_entry_points() -> None:

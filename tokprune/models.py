@@ -199,9 +199,9 @@ def available_models() -> dict[str, str]:
 
 def _builtin_entry_points() -> Iterable[EntryPoint]:
     """The installed entries of :data:`BUILTIN_ENTRY_POINT_GROUP` (a function, so tests can swap it)."""
-    from importlib.metadata import entry_points
+    from tokprune.pruning.family import group_entry_points
 
-    return entry_points(group=BUILTIN_ENTRY_POINT_GROUP)
+    return list(group_entry_points(BUILTIN_ENTRY_POINT_GROUP).values())
 
 
 _families_loaded = False

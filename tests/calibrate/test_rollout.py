@@ -101,3 +101,20 @@ def test_per_prompt_seeds_match_a_pipeline_call_with_a_generator_list(pipe):
     assert torch.equal(ro.dense(), want.float())
     alone = Rollouts(pipe, PROMPTS[1:], steps=STEPS, guidance=5.0, max_sequence_length=MSL, seeds=[11])
     assert torch.equal(alone.start[0], ro.start[1])  # a prompt's start does not depend on its place
+
+
+def test_resumed_runs_continue_a_multistep_scheduler_exactly():
+    """DPM-Solver++ (PixArt-Σ's sampler) combines previous predictions: a run resumed from a prefix
+    snapshot must continue the snapshot's scheduler, not a fresh one at the same step index."""
+    from tokprune.models import load_pipeline
+
+    pipe = load_pipeline("pixart-tiny")
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(steps=STEPS, guidance=4.5, seed=3)
+    ro, fresh = Rollouts(pipe, PROMPTS, **kw), Rollouts(pipe, PROMPTS, **kw, snapshot_bytes=0)
+    assert type(ro._scheduler).__name__ == "DPMSolverMultistepScheduler"
+    ro.dense()
+    plan = cat_schedule(ro.geometry, STEPS, 0.6, t0=3)
+    before = ro.executed_steps
+    assert torch.equal(ro.run(plan), fresh.run(plan))
+    assert ro.executed_steps - before < STEPS  # it did resume from the shared warm-up
