@@ -78,12 +78,16 @@ def _recalibrate_hint(model: str, height: int, width: int, steps: int, budget: f
 
 
 def _jsonable(value: Any, where: str) -> Any:
-    """A JSON-native deep copy (tuples -> lists); refuses NaN/inf and non-JSON types."""
+    """A JSON-native deep copy (tuples -> lists); refuses NaN/inf in fields that are numbers and
+    non-JSON types. A scheduler's configuration may hold infinities (diffusers' DPM-Solver has
+    ``lambda_min_clipped = -inf`` by default): they are kept as the strings ``"inf"`` / ``"-inf"``."""
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):
+        if math.isinf(value) and where.startswith("scheduler_config"):
+            return "inf" if value > 0 else "-inf"  # JSON has no infinity; the config is recorded, never computed on
         if not math.isfinite(value):
             raise ScheduleError(f"{where} holds a non-finite number {value!r}; schedules store finite numbers only")
         return float(value)

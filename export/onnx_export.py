@@ -150,11 +150,16 @@ def _fp32_forward(module: torch.nn.Module):
 
 def _sdpa_fp32_softmax(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """Attention with the scores' softmax in fp32: (B, H, Sq, hd) x (B, H, Sk, hd) -> (B, H, Sq, hd)."""
-    if attn_mask is not None or is_causal or dropout_p:
-        raise ExportError("the fp32-softmax attention used for reduced-precision export supports no mask/dropout")
+    if is_causal or dropout_p:
+        raise ExportError("the fp32-softmax attention used for reduced-precision export supports no causal mask/dropout")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    scores = (query * scale) @ key.transpose(-1, -2)  # (B, H, Sq, Sk), scaled first: no fp16 overflow
-    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+    scores = ((query * scale) @ key.transpose(-1, -2)).float()  # (B, H, Sq, Sk), scaled first: no fp16 overflow
+    if attn_mask is not None:  # boolean (keep = True) or additive, as torch's sdpa takes it
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.float()
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
     return probs @ value
 
 

@@ -294,7 +294,8 @@ class ModelFamily(abc.ABC):
 
         It must provide ``family``, ``batch``, ``latent_hw``, ``text_tokens``, ``in_channels``,
         ``out_channels``, ``num_tokens``, ``grid``, ``cache_specs(reuse)``, ``fresh_specs(keep, reuse)``,
-        ``with_batch``, ``with_text_tokens``, ``step_macs(keep, keep_text, reuse, probe)``, ``to_dict()`` and
+        ``with_batch``, ``with_text_tokens``, ``step_macs(keep, keep_text, reuse, probe)``,
+        ``diffusers_dense_macs()`` (one stock diffusers call, the benchmark's reference), ``to_dict()`` and
         ``as_dynamic()`` (the same shapes with a ``num_tokens`` no K equals, for the dynamic-K graph).
         """
 

@@ -111,6 +111,12 @@ class Geometry:
 
         return sd3_step_macs(self, keep, keep_text, reuse, probe=probe)
 
+    def diffusers_dense_macs(self) -> int:
+        """MACs of one stock diffusers forward (:func:`tokprune.pruning.macs.sd3_diffusers_dense_macs`)."""
+        from tokprune.pruning.macs import sd3_diffusers_dense_macs
+
+        return sd3_diffusers_dense_macs(self)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields plus ``family`` (manifests and schedules store geometries this way)."""
         d = asdict(self)

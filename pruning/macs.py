@@ -149,7 +149,12 @@ def dense_macs(geometry: Any) -> int:
     return step_macs(geometry, ALL)
 
 
-def diffusers_dense_macs(geometry: Geometry) -> int:
+def diffusers_dense_macs(geometry: Any) -> int:
+    """MACs of one stock diffusers forward of the geometry's family (``geometry.diffusers_dense_macs()``)."""
+    return geometry.diffusers_dense_macs()
+
+
+def sd3_diffusers_dense_macs(geometry: Geometry) -> int:
     """MACs of one stock diffusers ``SD3Transformer2DModel`` forward (last block keeps text queries)."""
     return geometry.batch * _call_macs(
         geometry, geometry.num_tokens, geometry.text_tokens, reuse="noise", last_text_queries=True

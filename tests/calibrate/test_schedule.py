@@ -182,3 +182,11 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
         _schedule(budget=0.7).save(path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
+
+
+def test_a_scheduler_config_with_infinities_is_recorded(tmp_path):
+    """diffusers' DPMSolverMultistepScheduler (PixArt-Σ) has lambda_min_clipped = -inf by default."""
+    sched = _schedule(scheduler_config={"lambda_min_clipped": float("-inf"), "solver_order": 2})
+    assert sched.scheduler_config["lambda_min_clipped"] == "-inf"
+    path = sched.save(tmp_path / "s.json")
+    assert Schedule.load(path) == sched

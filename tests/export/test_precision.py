@@ -76,3 +76,19 @@ def test_cast_for_export_refuses_a_second_precision():
     assert cast_for_export(model, "fp16") is model
     with pytest.raises(ExportError, match="reload"):
         cast_for_export(model, "bf16")
+
+
+def test_fp32_softmax_attention_takes_boolean_and_additive_masks():
+    """PixArt's padded cross-attention passes a mask; the reduced-precision patch must honour it as sdpa does."""
+    import torch.nn.functional as F
+
+    from tokprune.export.onnx_export import _sdpa_fp32_softmax
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=gen) for _ in range(3))
+    keep = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    keep[0, ..., 3:] = False
+    additive = torch.zeros(2, 1, 1, 5).masked_fill(~keep, -10000.0)
+    for mask in (keep, additive):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(_sdpa_fp32_softmax(q, k, v, attn_mask=mask), want, atol=1e-5, rtol=1e-5)
