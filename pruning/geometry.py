@@ -8,7 +8,8 @@ the ONNX export's I/O table, TensorRT profiles and runtime buffers — derives i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import functools
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, Mapping
 
 from tokprune.errors import ShapeError
@@ -17,28 +18,11 @@ from tokprune.errors import ShapeError
 REUSE_MODES = ("noise", "features")
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """Static shapes of one transformer call (batch includes both CFG halves)."""
+class PatchGeometry:
+    """What every geometry of a patchified transformer derives the same way from its dataclass fields
+    ``batch``, ``latent_hw``, ``text_tokens``, ``patch``, ``heads``, ``head_dim``, ``out_channels``
+    (SD3's :class:`Geometry`, PixArt-Σ's): widths, the token grid, per-call variants, and fresh rows."""
 
-    #: The model family (:mod:`tokprune.pruning.family`) this geometry belongs to.
-    family: ClassVar[str] = "sd3"
-
-    batch: int  # B: samples per call, CFG halves included
-    latent_hw: tuple[int, int]  # latent height, width (pixels / vae_scale_factor)
-    text_tokens: int  # T: CLIP (77) + T5 (max_sequence_length) rows of encoder_hidden_states
-    patch: int  # p
-    in_channels: int
-    out_channels: int
-    num_layers: int  # L joint blocks; the last one is context_pre_only
-    heads: int
-    head_dim: int
-    joint_attention_dim: int  # width of encoder_hidden_states before context_embedder
-    pooled_dim: int
-    dual_attention_layers: tuple[int, ...] = ()  # SD3.5: blocks with a second, image-only attention
-    qk_norm: str | None = None
-
-    # ---- derived -------------------------------------------------------------------
     @property
     def dim(self) -> int:
         """D: hidden width = heads * head_dim."""
@@ -59,6 +43,61 @@ class Geometry:
     def token_channels(self) -> int:
         """P: channels of one image token of the noise prediction (p * p * out_channels)."""
         return self.patch * self.patch * self.out_channels
+
+    def fresh_specs(self, keep: int, reuse: str = "noise") -> dict[str, tuple[int, ...]]:
+        """Shapes of the fresh cache rows one call with ``keep`` image tokens produces (``cache_specs`` names)."""
+        out = {}
+        for name, shape in self.cache_specs(reuse).items():
+            if len(shape) == 4:  # (B, H, N, hd) -> (B, H, K, hd)
+                out[name] = (shape[0], shape[1], keep, shape[3])
+            else:  # (B, N, D) -> (B, K, D)
+                out[name] = (shape[0], keep, shape[2])
+        return out
+
+    def as_dynamic(self) -> Any:
+        """This geometry with a ``num_tokens`` no K equals: traced through the pruned forward it never
+        takes the K == N shortcut (reading no caches), so one graph with a dynamic K serves every bucket
+        (the export's ``graph.onnx``). Only the forward's dense test reads ``num_tokens``."""
+        return _dynamic_class(type(self))(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+    def with_batch(self, batch: int) -> Any:
+        return replace(self, batch=int(batch))
+
+    def with_text_tokens(self, text_tokens: int) -> Any:
+        return replace(self, text_tokens=int(text_tokens))
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_class(cls: type) -> type:
+    """``cls`` with ``num_tokens`` = N + 1 (see :meth:`PatchGeometry.as_dynamic`)."""
+
+    def num_tokens(self: Any) -> int:
+        h, w = self.grid
+        return h * w + 1
+
+    return dataclass(frozen=True)(type(f"Dynamic{cls.__name__}", (cls,), {"num_tokens": property(num_tokens)}))
+
+
+@dataclass(frozen=True)
+class Geometry(PatchGeometry):
+    """Static shapes of one transformer call (batch includes both CFG halves)."""
+
+    #: The model family (:mod:`tokprune.pruning.family`) this geometry belongs to.
+    family: ClassVar[str] = "sd3"
+
+    batch: int  # B: samples per call, CFG halves included
+    latent_hw: tuple[int, int]  # latent height, width (pixels / vae_scale_factor)
+    text_tokens: int  # T: CLIP (77) + T5 (max_sequence_length) rows of encoder_hidden_states
+    patch: int  # p
+    in_channels: int
+    out_channels: int
+    num_layers: int  # L joint blocks; the last one is context_pre_only
+    heads: int
+    head_dim: int
+    joint_attention_dim: int  # width of encoder_hidden_states before context_embedder
+    pooled_dim: int
+    dual_attention_layers: tuple[int, ...] = ()  # SD3.5: blocks with a second, image-only attention
+    qk_norm: str | None = None
 
     def is_dual(self, layer: int) -> bool:
         return layer in self.dual_attention_layers
@@ -89,22 +128,6 @@ class Geometry:
                     specs[f"blocks.{i}.attn2"] = rows
         return specs
 
-    def fresh_specs(self, keep: int, reuse: str = "noise") -> dict[str, tuple[int, ...]]:
-        """Shapes of the fresh cache rows one call with ``keep`` image tokens produces (same names)."""
-        out = {}
-        for name, shape in self.cache_specs(reuse).items():
-            if len(shape) == 4:  # (B, H, N, hd) -> (B, H, K, hd)
-                out[name] = (shape[0], shape[1], keep, shape[3])
-            else:  # (B, N, D) -> (B, K, D)
-                out[name] = (shape[0], keep, shape[2])
-        return out
-
-    def as_dynamic(self) -> "Geometry":
-        """This geometry with a ``num_tokens`` no K equals: traced through :func:`pruned_forward` it never
-        takes the K == N shortcut (reading no caches), so one graph with a dynamic K serves every bucket
-        (the export's ``graph.onnx``). Only the forward's dense test reads ``num_tokens``."""
-        return _DynamicGeometry(**{f.name: getattr(self, f.name) for f in fields(Geometry)})
-
     def step_macs(self, keep: int, keep_text: int | None = None, reuse: str = "noise", *, probe: bool = False) -> int:
         """MACs of one pruned call (:func:`tokprune.pruning.macs.step_macs`)."""
         from tokprune.pruning.macs import sd3_step_macs
@@ -130,12 +153,6 @@ class Geometry:
         d["latent_hw"] = tuple(d["latent_hw"])
         d["dual_attention_layers"] = tuple(d.get("dual_attention_layers") or ())
         return cls(**d)
-
-    def with_batch(self, batch: int) -> "Geometry":
-        return _replace(self, batch=batch)
-
-    def with_text_tokens(self, text_tokens: int) -> "Geometry":
-        return _replace(self, text_tokens=text_tokens)
 
     # ---- construction --------------------------------------------------------------
     @classmethod
@@ -183,18 +200,3 @@ class Geometry:
     @classmethod
     def from_model(cls, transformer: Any, *, batch: int, latent_hw: tuple[int, int], text_tokens: int) -> "Geometry":
         return cls.from_config(transformer.config, batch=batch, latent_hw=latent_hw, text_tokens=text_tokens)
-
-
-def _replace(g: Geometry, **changes: Any) -> Geometry:
-    from dataclasses import replace
-
-    return replace(g, **changes)
-
-
-class _DynamicGeometry(Geometry):
-    """:meth:`Geometry.as_dynamic`: N + 1 tokens for the forward's dense test only."""
-
-    @property
-    def num_tokens(self) -> int:  # type: ignore[override]
-        h, w = self.grid
-        return h * w + 1

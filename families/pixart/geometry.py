@@ -14,11 +14,11 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from tokprune.errors import ShapeError
-from tokprune.pruning.geometry import REUSE_MODES
+from tokprune.pruning.geometry import REUSE_MODES, PatchGeometry
 
 #: Family name written into ``to_dict()`` (manifests, schedules).
 FAMILY_NAME = "pixart-sigma"
@@ -27,7 +27,7 @@ MAX_TEXT_TOKENS = 300
 
 
 @dataclass(frozen=True)
-class PixArtGeometry:
+class PixArtGeometry(PatchGeometry):
     """Static shapes of one PixArt transformer call (batch includes both CFG halves).
 
     ``text_tokens`` is T, the T5 rows of ``encoder_hidden_states`` (the pipeline's
@@ -56,28 +56,7 @@ class PixArtGeometry:
     #: The model family (:mod:`tokprune.pruning.family`) this geometry belongs to.
     family: ClassVar[str] = FAMILY_NAME
 
-    # ---- derived -------------------------------------------------------------------
-    @property
-    def dim(self) -> int:
-        """D: hidden width = heads * head_dim."""
-        return self.heads * self.head_dim
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Image token grid (h, w), row-major as diffusers' PatchEmbed."""
-        return (self.latent_hw[0] // self.patch, self.latent_hw[1] // self.patch)
-
-    @property
-    def num_tokens(self) -> int:
-        """N: image tokens."""
-        h, w = self.grid
-        return h * w
-
-    @property
-    def token_channels(self) -> int:
-        """P: channels of one token of the noise prediction (p * p * out_channels, sigma channels included)."""
-        return self.patch * self.patch * self.out_channels
-
+    # ---- derived (dim, grid, num_tokens, token_channels, fresh_specs, as_dynamic, with_*: PatchGeometry) ----
     @property
     def learned_sigma(self) -> bool:
         """True when the model predicts noise and variance (out_channels = 2 x in_channels)."""
@@ -105,16 +84,6 @@ class PixArtGeometry:
                 specs[f"blocks.{i}.ff"] = rows
         return specs
 
-    def fresh_specs(self, keep: int, reuse: str = "noise") -> dict[str, tuple[int, ...]]:
-        """Shapes of the fresh rows one call keeping ``keep`` image tokens produces (same names as caches)."""
-        out = {}
-        for name, shape in self.cache_specs(reuse).items():
-            if len(shape) == 4:  # (B, H, N, hd) -> (B, H, K, hd)
-                out[name] = (shape[0], shape[1], keep, shape[3])
-            else:  # (B, N, D) -> (B, K, D)
-                out[name] = (shape[0], keep, shape[2])
-        return out
-
     def text_specs(self) -> dict[str, tuple[int, ...]]:
         """The per-prompt text conditions one call reads (:func:`~tokprune.families.pixart.forward.text_conditions`).
 
@@ -140,17 +109,6 @@ class PixArtGeometry:
         from tokprune.families.pixart.macs import diffusers_dense_macs
 
         return diffusers_dense_macs(self)
-
-    def as_dynamic(self) -> "PixArtGeometry":
-        """This geometry with a ``num_tokens`` no K equals: traced through :func:`pruned_forward` it never takes
-        the K == N shortcut, so one graph with a dynamic K serves every bucket (the export's ``graph.onnx``)."""
-        return _DynamicPixArtGeometry(**{f.name: getattr(self, f.name) for f in fields(PixArtGeometry)})
-
-    def with_batch(self, batch: int) -> "PixArtGeometry":
-        return replace(self, batch=int(batch))
-
-    def with_text_tokens(self, text_tokens: int) -> "PixArtGeometry":
-        return replace(self, text_tokens=int(text_tokens))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields, ``"family"`` included (manifests, schedules)."""
@@ -235,13 +193,3 @@ class PixArtGeometry:
         cls, transformer: Any, *, batch: int, latent_hw: tuple[int, int], text_tokens: int
     ) -> "PixArtGeometry":
         return cls.from_config(transformer.config, batch=batch, latent_hw=latent_hw, text_tokens=text_tokens)
-
-
-class _DynamicPixArtGeometry(PixArtGeometry):
-    """:meth:`PixArtGeometry.as_dynamic`: N + 1 tokens for the forward's dense test only (every shape it
-    builds comes from the inputs or ``grid``)."""
-
-    @property
-    def num_tokens(self) -> int:  # type: ignore[override]
-        h, w = self.grid
-        return h * w + 1
