@@ -56,6 +56,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "ModelFamily",
     "all_families",
+    "bind_call",
     "family_for",
     "get_family",
     "register_family",
@@ -383,6 +384,21 @@ class ModelFamily(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<ModelFamily {self.name}>"
+
+
+def bind_call(owner: str, params: tuple[str, ...], args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``{name: value}`` of a denoiser ``forward(*args, **kwargs)`` call by its parameter names
+    ``params`` (in order); refuses extra, repeated and unknown arguments naming ``owner``'s forward."""
+    if len(args) > len(params):
+        raise ConfigError(f"{owner}.forward takes at most {len(params)} arguments, got {len(args)}")
+    call = dict(zip(params, args))
+    for key in kwargs:
+        if key in call:
+            raise ConfigError(f"{owner}.forward got {key!r} twice")
+        if key not in params:
+            raise ConfigError(f"{owner}.forward got an unexpected argument {key!r}")
+    call.update(kwargs)
+    return call
 
 
 # ---- registry ---------------------------------------------------------------------------

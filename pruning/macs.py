@@ -57,13 +57,16 @@ __all__ = [
     "mac_fraction",
     "plan_macs",
     "step_macs",
+    "resolve_count",
+    "resolve_keeps",
     "text_mass_macs",
 ]
 
 TIMESTEP_CHANNELS = 256  # diffusers' CombinedTimestepTextProjEmbeddings sinusoid width
 
 
-def _resolve(value: int | None, total: int, what: str) -> int:
+def resolve_count(value: int | None, total: int, what: str) -> int:
+    """A keep count as a number: None / ALL -> ``total``; refuses anything outside [0, total]."""
     if value is None or value == ALL:
         return total
     if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value > total:
@@ -99,6 +102,22 @@ def _call_macs(g: Geometry, keep: int, keep_text: int, *, reuse: str, last_text_
     return macs
 
 
+def resolve_keeps(geometry: Any, keep: int, keep_text: int | None, reuse: str, *, probe: bool = False) -> tuple[int, int]:
+    """(K, K_txt) of one step as counts (ALL / None -> N / T), checked the way every MAC counter needs:
+    K = 0 is a reuse step (no call; then K_txt is 0 too and ``probe`` is refused)."""
+    if reuse not in REUSE_MODES:
+        raise ConfigError(f"reuse={reuse!r}; expected one of {REUSE_MODES}")
+    k = resolve_count(keep, geometry.num_tokens, "keep")
+    if k == 0:
+        if probe:
+            raise ConfigError("probe=True on a reuse step (keep = 0): a step without a transformer call measures nothing")
+        return 0, 0
+    tk = resolve_count(keep_text, geometry.text_tokens, "keep_text")
+    if tk == 0:
+        raise ConfigError("keep_text = 0; a transformer call keeps at least one text token (or ALL)")
+    return k, tk
+
+
 def text_mass_macs(geometry: Geometry, keep: int | None = None, keep_text: int | None = None) -> int:
     """Extra MACs of the text-importance probe on a call keeping ``keep`` image and ``keep_text`` text rows.
 
@@ -107,8 +126,8 @@ def text_mass_macs(geometry: Geometry, keep: int | None = None, keep_text: int |
     softmax and sums are not MACs). Defaults: the dense full-text call, where it is
     ``B * L * (N + T)^2 * D``. Batch (both CFG halves) included.
     """
-    k = _resolve(keep, geometry.num_tokens, "keep")
-    tk = _resolve(keep_text, geometry.text_tokens, "keep_text")
+    k = resolve_count(keep, geometry.num_tokens, "keep")
+    tk = resolve_count(keep_text, geometry.text_tokens, "keep_text")
     return geometry.batch * geometry.num_layers * (k + tk) * (geometry.num_tokens + tk) * geometry.dim
 
 
@@ -130,16 +149,9 @@ def sd3_step_macs(
 ) -> int:
     """SD3 / SD3.5: MACs of one ``pruned_forward`` call (the module docstring's formula; the probe adds
     :func:`text_mass_macs`)."""
-    if reuse not in REUSE_MODES:
-        raise ConfigError(f"reuse={reuse!r}; expected one of {REUSE_MODES}")
-    k = _resolve(keep, geometry.num_tokens, "keep")
+    k, tk = resolve_keeps(geometry, keep, keep_text, reuse, probe=probe)
     if k == 0:
-        if probe:
-            raise ConfigError("probe=True on a reuse step (keep = 0): a step without a transformer call measures nothing")
         return 0
-    tk = _resolve(keep_text, geometry.text_tokens, "keep_text")
-    if tk == 0:
-        raise ConfigError("keep_text = 0; a transformer call keeps at least one text token (or ALL)")
     macs = geometry.batch * _call_macs(geometry, k, tk, reuse=reuse, last_text_queries=False)
     return macs + (text_mass_macs(geometry, k, tk) if probe else 0)
 

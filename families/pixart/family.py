@@ -12,7 +12,7 @@ import torch
 from tokprune.errors import ConfigError
 from tokprune.families.pixart.geometry import FAMILY_NAME, MAX_TEXT_TOKENS, PixArtGeometry
 from tokprune.families.pixart.models import ALIASES
-from tokprune.pruning.family import CallSettings, DenoiserCall, ModelFamily
+from tokprune.pruning.family import CallSettings, DenoiserCall, ModelFamily, bind_call
 from tokprune.pruning.forward import patchify
 
 #: PixArtTransformer2DModel.forward's parameters, in order (positional calls are mapped by this).
@@ -90,15 +90,7 @@ class PixArtFamily(ModelFamily):
         return PixArtGeometry.from_dict(d)
 
     def parse_call(self, config: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[PixArtGeometry, DenoiserCall]:
-        if len(args) > len(_FORWARD_PARAMS):
-            raise ConfigError(f"PixArtTransformer2DModel.forward takes at most {len(_FORWARD_PARAMS)} arguments, got {len(args)}")
-        call = dict(zip(_FORWARD_PARAMS, args))
-        for key in kwargs:
-            if key in call:
-                raise ConfigError(f"PixArtTransformer2DModel.forward got {key!r} twice")
-            if key not in _FORWARD_PARAMS:
-                raise ConfigError(f"PixArtTransformer2DModel.forward got an unexpected argument {key!r}")
-        call.update(kwargs)
+        call = bind_call("PixArtTransformer2DModel", _FORWARD_PARAMS, args, kwargs)
         if call.get("cross_attention_kwargs") or call.get("attention_mask") is not None:
             raise ConfigError(
                 "tokprune's pruned PixArt forward does not support cross_attention_kwargs or a self-attention "

@@ -27,23 +27,14 @@ Example::
 
 from __future__ import annotations
 
-from tokprune.errors import ConfigError
 from tokprune.families.pixart.geometry import PixArtGeometry
-from tokprune.pruning.geometry import REUSE_MODES
+from tokprune.pruning.macs import resolve_count, resolve_keeps
 from tokprune.pruning.plan import ALL, PrunePlan
 
 __all__ = ["bucket_step_macs", "dense_macs", "diffusers_dense_macs", "mac_fraction", "plan_macs", "prompt_macs", "step_macs",
            "text_mass_macs"]
 
 TIMESTEP_CHANNELS = 256  # sinusoid width of PixArt's timestep embedding
-
-
-def _resolve(value: int | None, total: int, what: str) -> int:
-    if value is None or value == ALL:
-        return total
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value > total:
-        raise ConfigError(f"{what} = {value!r}; expected an int in [0, {total}] or ALL (-1)")
-    return value
 
 
 def _embed_macs(g: PixArtGeometry) -> int:
@@ -76,8 +67,8 @@ def prompt_macs(geometry: PixArtGeometry) -> int:
 
 def text_mass_macs(geometry: PixArtGeometry, keep: int | None = None, keep_text: int | None = None) -> int:
     """Extra MACs of the text-importance probe: one more ``Q K^T`` of the K queries over T' text keys per block."""
-    k = _resolve(keep, geometry.num_tokens, "keep")
-    tk = _resolve(keep_text, geometry.text_tokens, "keep_text")
+    k = resolve_count(keep, geometry.num_tokens, "keep")
+    tk = resolve_count(keep_text, geometry.text_tokens, "keep_text")
     return geometry.batch * geometry.num_layers * k * tk * geometry.dim
 
 
@@ -89,16 +80,9 @@ def step_macs(
     ``keep``: ALL or N = dense, 0 = reuse step (no call, 0 MACs). ``probe`` adds :func:`text_mass_macs`.
     The per-prompt text stage is not included (:func:`prompt_macs`).
     """
-    if reuse not in REUSE_MODES:
-        raise ConfigError(f"reuse={reuse!r}; expected one of {REUSE_MODES}")
-    k = _resolve(keep, geometry.num_tokens, "keep")
+    k, tk = resolve_keeps(geometry, keep, keep_text, reuse, probe=probe)
     if k == 0:
-        if probe:
-            raise ConfigError("probe=True on a reuse step (keep = 0): a step without a transformer call measures nothing")
         return 0
-    tk = _resolve(keep_text, geometry.text_tokens, "keep_text")
-    if tk == 0:
-        raise ConfigError("keep_text = 0; a transformer call keeps at least one text token (or ALL)")
     macs = geometry.batch * _call_macs(geometry, k, tk, reuse)
     return macs + (text_mass_macs(geometry, k, tk) if probe else 0)
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from tokprune.errors import ConfigError
-from tokprune.pruning.family import CallSettings, DenoiserCall, ModelFamily
+from tokprune.pruning.family import CallSettings, DenoiserCall, ModelFamily, bind_call
 from tokprune.pruning.forward import patchify, pruned_forward
 from tokprune.pruning.geometry import Geometry
 
@@ -68,15 +68,7 @@ class SD3Family(ModelFamily):
         return Geometry.from_dict(d)
 
     def parse_call(self, config: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Geometry, DenoiserCall]:
-        if len(args) > len(_FORWARD_PARAMS):
-            raise ConfigError(f"SD3Transformer2DModel.forward takes at most {len(_FORWARD_PARAMS)} arguments, got {len(args)}")
-        call = dict(zip(_FORWARD_PARAMS, args))
-        for key in kwargs:
-            if key in call:
-                raise ConfigError(f"SD3Transformer2DModel.forward got {key!r} twice")
-            if key not in _FORWARD_PARAMS:
-                raise ConfigError(f"SD3Transformer2DModel.forward got an unexpected argument {key!r}")
-        call.update(kwargs)
+        call = bind_call("SD3Transformer2DModel", _FORWARD_PARAMS, args, kwargs)
         if call.get("block_controlnet_hidden_states") is not None or call.get("skip_layers") is not None or call.get(
             "joint_attention_kwargs"
         ):
