@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from tokprune.export.errors import ExportError
+from tokprune.export.onnx_export import PrunedGraphModule
 from tokprune.export.spec import INPUT, OUTPUT, BucketSpec, Precision, TensorSpec
 
 from tokprune.errors import ConfigError, ShapeError
@@ -276,31 +277,14 @@ class GraphSpec:
 
 
 # ---- the module traced --------------------------------------------------------------------------
-class GraphModule(torch.nn.Module):
-    """``forward(*inputs) -> tuple(outputs)`` of the dynamic graph: the generic pruned forward."""
+class GraphModule(PrunedGraphModule):
+    """The dynamic graph's traced module: the family's pruned forward on the dynamic geometry (a
+    ``num_tokens`` no K equals, so every K traces the generic path)."""
 
     def __init__(self, model: torch.nn.Module, graph: GraphSpec) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model, graph.geometry.as_dynamic(), graph, reuse=graph.reuse, precision=graph.precision,
+                         what="the dynamic graph")  # fmt: skip
         self.graph = graph
-        self._inputs = graph.inputs()
-        self._outputs = graph.outputs()
-        self._geometry = graph.geometry.as_dynamic()
-
-    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if len(tensors) != len(self._inputs):
-            raise ExportError(f"the dynamic graph takes {len(self._inputs)} inputs, got {len(tensors)}")
-        from tokprune.export.onnx_export import call_pruned
-
-        return call_pruned(self.model, self._geometry, self._inputs, self._outputs, tensors, reuse=self.graph.reuse)
-
-    def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Eager reference of the graph, by name, under the precision patches."""
-        from tokprune.export.onnx_export import precision_patches
-
-        with torch.no_grad(), precision_patches(self.graph.precision):
-            outs = self(*(feed[n] for n in self.graph.input_names()))
-        return dict(zip(self.graph.output_names(), outs))
 
 
 # ---- export ---------------------------------------------------------------------------------------

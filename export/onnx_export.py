@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,30 +83,46 @@ def call_pruned(
     return tuple(results)
 
 
-class BucketModule(torch.nn.Module):
-    """``forward(*inputs) -> tuple(outputs)`` of one bucket, names and order from ``spec``."""
+class PrunedGraphModule(torch.nn.Module):
+    """``forward(*inputs) -> tuple(outputs)``: the family's pure pruned forward with the positional I/O of
+    an exported graph (what is traced). :class:`BucketModule` is one bucket's; the dynamic-K graph's is
+    :class:`tokprune.export.dynamic.GraphModule`."""
 
-    def __init__(self, model: torch.nn.Module, spec: BucketSpec) -> None:
+    def __init__(self, model: torch.nn.Module, geometry: Any, io: Any, *, reuse: str, precision: Any,
+                 record_text: bool = False, what: str = "the graph") -> None:  # fmt: skip
         super().__init__()
         self.model = model
-        self.spec = spec
-        self._inputs = spec.inputs()
-        self._outputs = spec.outputs()
+        self._geometry = geometry
+        self._io = io  # has inputs() / outputs() / input_names() / output_names()
+        self._inputs = io.inputs()
+        self._outputs = io.outputs()
+        self._reuse, self._precision, self._record_text, self._what = reuse, precision, record_text, what
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(tensors) != len(self._inputs):
-            raise ExportError(f"bucket {self.spec.key} takes {len(self._inputs)} inputs, got {len(tensors)}")
+            raise ExportError(f"{self._what} takes {len(self._inputs)} inputs, got {len(tensors)}")
         return call_pruned(
-            self.model, self.spec.geometry, self._inputs, self._outputs, tensors, reuse=self.spec.reuse,
-            record_text=self.spec.record_text,
+            self.model, self._geometry, self._inputs, self._outputs, tensors, reuse=self._reuse,
+            record_text=self._record_text,
         )
 
-    def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Eager reference: the same call as the graph, by name, under the bucket's precision patches."""
-        self.spec.check_feed(feed)
-        with torch.no_grad(), precision_patches(self.spec.precision):
-            outs = self(*(feed[name] for name in self.spec.input_names()))
-        return dict(zip(self.spec.output_names(), outs))
+    def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Eager reference: the same call as the graph, by name, under the graph's precision patches."""
+        check = getattr(self._io, "check_feed", None)
+        if check is not None:
+            check(feed)
+        with torch.no_grad(), precision_patches(self._precision):
+            outs = self(*(feed[name] for name in self._io.input_names()))
+        return dict(zip(self._io.output_names(), outs))
+
+
+class BucketModule(PrunedGraphModule):
+    """One bucket's traced module, names and order from ``spec``."""
+
+    def __init__(self, model: torch.nn.Module, spec: BucketSpec) -> None:
+        super().__init__(model, spec.geometry, spec, reuse=spec.reuse, precision=spec.precision,
+                         record_text=spec.record_text, what=f"bucket {spec.key}")  # fmt: skip
+        self.spec = spec
 
 
 # ---- reduced precision ----------------------------------------------------------------------
