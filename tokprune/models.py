@@ -411,7 +411,7 @@ def _load_hub(source: ModelSource, dtype: torch.dtype) -> Any:
         raise ModelNotFoundError(
             f"--model {source.name!r}: the weights of hub id {hub_id!r} are not in the local "
             f"Hugging Face cache and this machine appears offline ({offline_reason}). Pass a local "
-            f"diffusers directory instead, e.g. {_LOCAL_PATH_HINT}, or download it on a machine "
+            f"diffusers directory instead, e.g. --model /path/to/{hub_id.rsplit('/', 1)[-1]}, or download it on a machine "
             f"with internet (`hf download {hub_id} --local-dir DIR`) and copy DIR here. "
             f"(cache lookup: {cache_error})"
         )
@@ -419,7 +419,8 @@ def _load_hub(source: ModelSource, dtype: torch.dtype) -> Any:
     try:
         return DiffusionPipeline.from_pretrained(hub_id, **dtype_kwarg(dtype))
     except Exception as exc:  # noqa: BLE001 - network, auth and missing-repo errors all land here
-        hint = f"Check the hub id and your network, or pass a local diffusers directory ({_LOCAL_PATH_HINT})."
+        hint = (f"Check the hub id and your network, or pass a local diffusers directory "
+                f"(--model /path/to/{hub_id.rsplit('/', 1)[-1]}).")
         if "gated" in type(exc).__name__.lower() or "401" in str(exc) or "403" in str(exc):
             hint = f"The repo is gated: accept its licence on https://huggingface.co/{hub_id}, `hf auth login`. {hint}"
         raise ModelNotFoundError(
