@@ -315,6 +315,15 @@ def _export_into(
         state["graph"] = export_graph_into(work, specs, model, store, opset=config.opset, seed=config.seed)
         state["weights"] = store.state()
         _write_json_atomic(work / STATE_FILE, state)
+    stage = state.get("prompt_stage")
+    if stage is None or not _intact(work, stage["file"]):
+        from tokprune.export.prompt_stage import export_prompt_stage  # families with per-run conditions only
+
+        state["prompt_stage"] = export_prompt_stage(
+            work, model, specs[0].geometry, store, precision=config.precision, opset=config.opset, seed=config.seed
+        )
+        state["weights"] = store.state()
+        _write_json_atomic(work / STATE_FILE, state)
     shutil.rmtree(work / "raw", ignore_errors=True)
 
     manifest = _manifest(work, state, config, source, pipe, schedule, specs, store, model, command)
@@ -497,6 +506,7 @@ def _manifest(work, state, config, source, pipe, schedule, specs, store, model, 
         "buckets": buckets,
         "step_buckets": step_buckets,
         "graph": state.get("graph") if _wants_graph(specs) else None,  # the single dynamic-K graph (export/dynamic.py)
+        "prompt_stage": state.get("prompt_stage"),  # per-run conditions (export/prompt_stage.py), or None
         "engines": None,
         "export_config": state["identity"],
     }

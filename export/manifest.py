@@ -236,6 +236,15 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "buckets": {"type": "array", "items": _BUCKET, "minItems": 1},
         "step_buckets": {"type": "array", "items": _NULLABLE_STR, "minItems": 1},
         "graph": {"oneOf": [{"type": "null"}, _GRAPH]},
+        "prompt_stage": {
+            "oneOf": [
+                {"type": "null"},
+                {"type": "object", "required": ["file", "inputs", "outputs", "equivalence"],
+                 "description": "per-run conditions (export/prompt_stage.py): run once at the first step of a run",
+                 "properties": {"file": _FILE, "inputs": {"type": "array"}, "outputs": {"type": "array"},
+                                "equivalence": {"type": "object"}}},
+            ]
+        },
         "engines": {
             "oneOf": [
                 {"type": "null"},
@@ -467,6 +476,11 @@ class Manifest:
         entry = self.bucket(key)["files"].get("engine")
         return None if entry is None else self.directory / entry["path"]
 
+    def prompt_stage_path(self) -> Path | None:
+        """The per-run prompt stage graph (``prompt_stage.onnx``), or None when the export has none."""
+        entry = self.data.get("prompt_stage")
+        return None if not entry else self.directory / entry["file"]["path"]
+
     def graph_path(self) -> Path | None:
         """The single dynamic-K graph (``graph.onnx``), or None when the export has none."""
         entry = self.data.get("graph")
@@ -490,6 +504,8 @@ class Manifest:
         entries = [self.data["schedule"]["file"], self.data["weights"]["file"]]
         if self.data.get("graph"):
             entries.append(self.data["graph"]["file"])
+        if self.data.get("prompt_stage"):
+            entries.append(self.data["prompt_stage"]["file"])
         engines = self.data.get("engines")
         if engines and engines.get("timing_cache"):
             entries.append(engines["timing_cache"])

@@ -322,6 +322,23 @@ class ModelFamily(abc.ABC):
         """Bucket inputs besides ``latent`` and ``timestep``: name -> (shape, ``"float"`` or a dtype name).
         ``"float"`` follows the export precision. Names match :attr:`DenoiserCall.conditions`."""
 
+    def call_condition_specs(self, geometry: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The conditions of a denoiser call as the pipeline passes them (:meth:`parse_call`'s names).
+        Equal to :meth:`condition_specs` unless the family has a per-run :meth:`prompt_stage`."""
+        return self.condition_specs(geometry)
+
+    def prompt_stage(self, model: torch.nn.Module, geometry: Any) -> torch.nn.Module | None:
+        """A module computing, once per run, the bucket conditions from the call's (``input_names()`` ->
+        ``output_names()``; e.g. PixArt-Σ's cross-attention text K/V), exported as ``prompt_stage.onnx``
+        and run by the runtime at the first step of every run. None (default): buckets take the call's
+        conditions as they are."""
+        return None
+
+    def prepare_conditions(self, model: torch.nn.Module, geometry: Any,
+                           conditions: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per run, the call's conditions -> the bucket's (:meth:`condition_specs`); identity by default."""
+        return dict(conditions)
+
     @abc.abstractmethod
     def pruned_forward(
         self,

@@ -89,6 +89,7 @@ class RunState:
     prev_noise: torch.Tensor | None = None  # (B, C, H, W)
     text_importance: torch.Tensor | None = None  # (B, T) attention mass measured at the last probe step
     guidance: float | None = None  # CFG scale when the batch is [uncond; cond] halves, else None
+    prepared: dict[str, torch.Tensor] | None = None  # per-run conditions (an export's prompt stage), set once
 
     @property
     def prompts(self) -> int:

@@ -45,6 +45,7 @@ from tokprune.pruning.forward import StepOutput, scatter_rows
 from tokprune.pruning.plan import PrunePlan
 from tokprune.pruning.sampler import RunState, StepInputs, TokenPruner, scheduler_steps
 from tokprune.runtime.caches import PooledCachePruner
+from tokprune.runtime.prompt import PromptStageRunner
 from tokprune.runtime.layout import (
     LoadedEngines,
     RunnerFactory,
@@ -135,8 +136,9 @@ class EngineExecutor:
             "timestep": inputs.timestep.to(torch.float32),
             "img_idx": inputs.img_idx.to(torch.int64),
         }
-        for name, x in inputs.conditions.items():  # the family's conditioning inputs
-            feed[name] = x.to(dt) if x.is_floating_point() else x
+        for name, x in self._conditions(st, inputs).items():  # the family's conditioning inputs
+            if name in spec.input_names():
+                feed[name] = x.to(dt) if x.is_floating_point() else x
         if spec.prunes_text:
             feed["txt_idx"] = inputs.txt_idx.to(torch.int64)
         if not spec.dense:
@@ -162,6 +164,19 @@ class EngineExecutor:
         if want_mass:
             text_mass = masses[0] if len(masses) == 1 else torch.cat(masses, dim=0)
         return StepOutput(noise=noise, fresh={}, text_mass=text_mass)
+
+    def _conditions(self, st: RunState, inputs: StepInputs) -> Mapping[str, torch.Tensor]:
+        """The bucket conditions of this step: the call's, or (exports with a prompt stage) what the stage
+        made from them at the run's first step, computed once per run (chunked by the engines' batch)."""
+        stage = self.engines.prompt_stage
+        if stage is None:
+            return inputs.conditions
+        if st.prepared is None:
+            eb, b = self.engines.geometry.batch, st.geometry.batch
+            parts = [stage({n: x[c * eb:(c + 1) * eb] for n, x in inputs.conditions.items()}) for c in range(b // eb)]
+            st.prepared = {n: torch.cat([p[n] for p in parts]) for n in parts[0]} if len(parts) > 1 else parts[0]
+        rest = {n: x for n, x in inputs.conditions.items() if n not in stage.input_names}
+        return {**rest, **st.prepared}
 
     def _call(
         self,
@@ -522,6 +537,7 @@ def load(
         reuse=manifest.reuse,
         dense_key=dense_key,
         probe_key=probe_key,
+        prompt_stage=PromptStageRunner.from_manifest(manifest, device, threads),  # None unless the family has one
     )
     logger.info("loaded %d %s buckets from %s on %s", len(runners), backend.value, engine_dir, device)
     return EngineTransformer(engines, pruned=pruned)

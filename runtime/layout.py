@@ -58,6 +58,7 @@ class LoadedEngines:
     reuse: str
     dense_key: str
     probe_key: str | None = None  # the dense bucket's text_mass variant (schedules that prune text)
+    prompt_stage: Any = None  # PromptStageRunner of exports whose family computes conditions once per run
     lock: threading.Lock = field(default_factory=threading.Lock)  # engine calls whose outputs alias buffers
     closed: bool = False
 

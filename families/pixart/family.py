@@ -35,7 +35,7 @@ class PixArtFamily(ModelFamily):
     #: Geometries this family builds take the per-prompt text K/V as bucket inputs (True) or the prompt's
     #: embeddings (False: each bucket call recomputes the text stage). True needs the generic runtime to
     #: run :meth:`prepare_conditions` once per run; see families/pixart/README.md.
-    text_kv_inputs = False
+    text_kv_inputs = True
 
     # ---- resolution and loading ----------------------------------------------------------
     def builtins(self) -> Mapping[str, tuple[Any, str]]:
@@ -158,8 +158,12 @@ class PixArtFamily(ModelFamily):
         return out
 
     def prompt_stage(self, model: torch.nn.Module, geometry: PixArtGeometry) -> torch.nn.Module:
-        """A module ``forward(*call conditions) -> tuple(text stage)`` to export as a per-run graph."""
+        """A module ``forward(*call conditions) -> tuple(text stage)`` to export as a per-run graph (None when
+        the buckets take the call's conditions, ``text_kv_inputs`` off)."""
         from tokprune.families.pixart.forward import PromptStage
+
+        if not geometry.text_kv_inputs:
+            return None
 
         return PromptStage(model, geometry)
 

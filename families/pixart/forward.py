@@ -327,6 +327,9 @@ class PromptStage(torch.nn.Module):
         self.model = model
         self.geometry = geometry
 
+    def input_names(self) -> list[str]:
+        return ["encoder_hidden_states", "encoder_attention_mask"]
+
     def output_names(self) -> list[str]:
         return list(self.geometry.text_specs())
 

@@ -100,7 +100,7 @@ def test_generate_a_missing_export_names_the_file(tmp_path, capsys):
 # ---- tokprune-demo ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("force", [False, True])
 def test_demo_never_touches_a_directory_it_did_not_make(force, tmp_path, capsys, monkeypatch):
-    from tokprune.demo import main as demo_main
+    from tokprune.demo.cli import main as demo_main
 
     import tokprune.models
 
@@ -123,7 +123,7 @@ def test_demo_never_touches_a_directory_it_did_not_make(force, tmp_path, capsys,
     (["--report", "FILE"], "--report"),
 ])
 def test_demo_bad_flags(flags, needle, tmp_path, capsys):
-    from tokprune.demo import main as demo_main
+    from tokprune.demo.cli import main as demo_main
 
     (tmp_path / "file").write_text("x")
     flags = [str(tmp_path / "file") if f == "FILE" else f for f in flags]

@@ -78,6 +78,39 @@ def test_engines_run_the_pipeline_as_the_eager_pruner_does(export_half):
     assert np.abs(engine - dense).max() > 1e-4  # and it did prune
 
 
+def test_text_kv_is_computed_once_per_run_by_the_exported_prompt_stage(export_half):
+    """The cross-attention K/V depend on the prompt only: the export ships prompt_stage.onnx (checked vs
+    PyTorch), the buckets take its outputs, and the runtime runs it once per run, not once per step."""
+    m = export_half.manifest
+    stage = m["prompt_stage"]
+    assert stage["equivalence"]["max_abs"] <= 1e-4
+    assert [t["name"] for t in stage["inputs"]] == ["encoder_hidden_states", "encoder_attention_mask"]
+    names = {t["name"] for t in stage["outputs"]}
+    assert "text_bias" in names and "text.0.k" in names
+    for bucket in m["buckets"]:  # the buckets read the stage's tensors, not the prompt's embeddings
+        inputs = {t["name"] for t in bucket["io"] if t["role"] == "input"}
+        assert names <= inputs and "encoder_hidden_states" not in inputs
+    pipe = build_tiny_pipeline()
+    with _engines(pipe, export_half.directory) as view:
+        real = view._engines.prompt_stage
+        calls = []
+
+        class Counting:
+            input_names = real.input_names
+
+            def __call__(self, conditions):
+                calls.append(1)
+                return real(conditions)
+
+        view._engines.prompt_stage = Counting()
+        try:
+            _generate(pipe)
+            _generate(pipe)
+        finally:
+            view._engines.prompt_stage = real
+    assert len(calls) == 2  # one per run (the batch is the engines' batch: one chunk)
+
+
 def test_budget_one_engines_reproduce_the_dense_pipeline(tmp_path_factory):
     res = _export(tmp_path_factory, 1.0)
     assert [b["key"] for b in res.manifest["buckets"]] == [f"k0256-t{MSL:04d}"]

@@ -130,7 +130,8 @@ def test_parse_call_and_condition_specs(pipe):
                                                   "return_dict": False})
     assert (g.num_tokens, g.text_tokens, g.batch) == (192, 7, 2)
     assert call.timestep.shape == (2,) and call.return_dict is False
-    assert set(call.conditions) == set(FAMILY.condition_specs(g)) == {"encoder_hidden_states", "encoder_attention_mask"}
+    assert set(call.conditions) == set(FAMILY.call_condition_specs(g)) == {"encoder_hidden_states", "encoder_attention_mask"}
+    assert g.text_kv_inputs and set(FAMILY.condition_specs(g)) == set(g.text_specs())  # buckets: per-run text K/V
     assert call.conditions["encoder_attention_mask"].dtype == torch.int64
     assert FAMILY.text_protect(call.conditions).nonzero().tolist() == [[0, 1], [1, 6]]  # T5 EOS: last real token
     noise = torch.randn(2, 8, 32, 24)
