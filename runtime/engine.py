@@ -107,7 +107,7 @@ class EngineExecutor:
         """An executor over activated runners (bucket key -> runner) made without an export directory (benchmarks)."""
         from types import SimpleNamespace
 
-        return cls(SimpleNamespace(runners=dict(runners), lock=threading.Lock(), manifest=None),  # type: ignore[arg-type]
+        return cls(SimpleNamespace(runners=dict(runners), lock=threading.Lock(), manifest=None, prompt_stage=None),  # type: ignore[arg-type]
                    write_caches=write_caches)
 
     def __call__(self, pruner: TokenPruner, st: RunState, inputs: StepInputs) -> StepOutput:
