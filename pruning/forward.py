@@ -31,6 +31,7 @@ the installed diffusers for SD3 and SD3.5 configs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,34 @@ def scatter_rows(dst: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, *, in
         dim = 2
     rows = rows.to(dst.dtype)
     return dst.scatter_(dim, index, rows) if inplace else dst.scatter(dim, index, rows)
+
+
+def check_step(n: int, keep: int, *, caches: Any, prev_noise: Any, reuse: str) -> bool:
+    """Validate one pruned call's state (every family's forward); returns whether it is dense (K == N)."""
+    from tokprune.errors import ConfigError
+
+    if reuse not in REUSE_MODES:
+        raise ConfigError(f"reuse={reuse!r} is not one of {REUSE_MODES}")
+    dense = keep == n
+    if not dense and caches is None:
+        raise ConfigError(f"K={keep} < N={n} needs the caches of a previous step (got caches=None)")
+    if not dense and reuse == "noise" and prev_noise is None:
+        raise ConfigError(f"K={keep} < N={n} with reuse='noise' needs prev_noise")
+    return dense
+
+
+def all_rows(caches: dict[str, torch.Tensor] | None, name: str, idx: torch.Tensor, rows: torch.Tensor, *,
+             dense: bool, inplace: bool) -> torch.Tensor:  # fmt: skip
+    """Rows of all N tokens for attention: the fresh ``rows`` scattered into cache ``name`` at ``idx``.
+
+    Dense calls return the fresh rows themselves (every token, in ``idx`` order: attention is key-order
+    invariant) and only write the cache when ``inplace``; pruned calls read the stale rows of the others.
+    """
+    if dense:
+        if inplace and caches is not None:
+            scatter_rows(caches[name], idx, rows, inplace=True)
+        return rows
+    return scatter_rows(caches[name], idx, rows, inplace=inplace)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -166,15 +195,9 @@ def pruned_forward(
         inplace: write fresh rows into ``caches`` in place (eager path). ``False`` is pure (export).
         record_text: also return the attention mass text tokens receive (dense text-pruning warm-up).
     """
-    if reuse not in REUSE_MODES:
-        raise ValueError(f"reuse={reuse!r} is not one of {REUSE_MODES}")
     g = geometry
     n, keep = g.num_tokens, img_idx.shape[1]
-    dense = keep == n
-    if not dense and caches is None:
-        raise ValueError(f"K={keep} < N={n} needs the caches of a previous step (got caches=None)")
-    if not dense and reuse == "noise" and prev_noise is None:
-        raise ValueError(f"K={keep} < N={n} with reuse='noise' needs prev_noise")
+    dense = check_step(n, keep, caches=caches, prev_noise=prev_noise, reuse=reuse)
 
     # Embeddings: patch embedding runs on all N tokens (cheap: ~p²C MACs/token) then gathers K rows.
     x_all = model.pos_embed(latent)  # (B, N, D)
@@ -189,13 +212,8 @@ def pruned_forward(
     mass_sum: torch.Tensor | None = None
 
     def kv_for_attention(name: str, rows: torch.Tensor) -> torch.Tensor:
-        """Keys/values over all N tokens for attention; also records the fresh rows."""
         fresh[name] = rows
-        if dense:  # fresh rows are every token (in idx order): attention is key-order invariant
-            if inplace and caches is not None:
-                scatter_rows(caches[name], img_idx, rows, inplace=True)
-            return rows
-        return scatter_rows(caches[name], img_idx, rows, inplace=inplace)
+        return all_rows(caches, name, img_idx, rows, dense=dense, inplace=inplace)
 
     for i, block in enumerate(model.transformer_blocks):
         attn = block.attn

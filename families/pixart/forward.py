@@ -50,8 +50,7 @@ import torch.nn.functional as F
 
 from tokprune.errors import ConfigError, ShapeError
 from tokprune.families.pixart.geometry import PixArtGeometry
-from tokprune.pruning.forward import StepOutput, gather_rows, patchify, scatter_rows, unpatchify
-from tokprune.pruning.geometry import REUSE_MODES
+from tokprune.pruning.forward import StepOutput, all_rows, check_step, gather_rows, patchify, scatter_rows, unpatchify
 
 __all__ = ["MASK_BIAS", "PromptStage", "mask_bias", "pruned_forward", "text_conditions", "text_mass"]
 
@@ -212,15 +211,9 @@ def pruned_forward(
         inplace: write fresh rows into ``caches`` in place (eager). ``False`` is pure (export).
         record_text: also return the cross-attention mass each (kept) text token receives.
     """
-    if reuse not in REUSE_MODES:
-        raise ConfigError(f"reuse={reuse!r} is not one of {REUSE_MODES}")
     g = geometry
     n, keep = g.num_tokens, img_idx.shape[1]
-    dense = keep == n
-    if not dense and caches is None:
-        raise ConfigError(f"K={keep} < N={n} needs the caches of a previous step (got caches=None)")
-    if not dense and reuse == "noise" and prev_noise is None:
-        raise ConfigError(f"K={keep} < N={n} with reuse='noise' needs prev_noise")
+    dense = check_step(n, keep, caches=caches, prev_noise=prev_noise, reuse=reuse)
     b = latent.shape[0]
 
     x_all = model.pos_embed(latent)  # (B, N, D): patch embedding on all N tokens (cheap), then gather
@@ -238,11 +231,7 @@ def pruned_forward(
 
     def kv_for_attention(name: str, rows: torch.Tensor) -> torch.Tensor:
         fresh[name] = rows
-        if dense:  # every token is fresh (in idx order): attention is key-order invariant
-            if inplace and caches is not None:
-                scatter_rows(caches[name], img_idx, rows, inplace=True)
-            return rows
-        return scatter_rows(caches[name], img_idx, rows, inplace=inplace)
+        return all_rows(caches, name, img_idx, rows, dense=dense, inplace=inplace)
 
     for i, block in enumerate(model.transformer_blocks):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
