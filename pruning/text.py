@@ -109,26 +109,35 @@ def _call_mask(pipe: Any, kwargs: dict[str, Any]) -> torch.Tensor | None:
     return torch.cat(rows, dim=0)
 
 
-def install_text_protect(pipe: Any, sink: Callable[[torch.Tensor | None], None]) -> None:
+def install_text_protect(
+    pipe: Any,
+    sink: Callable[[torch.Tensor | None], None],
+    mask_of: Callable[[Any, dict[str, Any]], torch.Tensor | None] | None = None,
+) -> None:
     """Wrap ``pipe.encode_prompt`` so every call hands its special-token mask to ``sink``.
 
-    Idempotent (a second install replaces the first); :func:`uninstall_text_protect` restores the
-    pipeline bit for bit. Pipelines without ``encode_prompt`` or tokenizers are left alone.
+    ``mask_of(pipe, arguments)`` computes the mask of one call from its arguments, bound by
+    ``encode_prompt``'s signature (positional calls too); default: SD3's. Idempotent (a second
+    install replaces the first); :func:`uninstall_text_protect` restores the pipeline bit for bit.
+    Pipelines without ``encode_prompt`` or tokenizers are left alone.
     """
+    import inspect
+
     uninstall_text_protect(pipe)
     original = getattr(pipe, "encode_prompt", None)
     if original is None or getattr(pipe, "tokenizer", None) is None:
         return
+    mask_of = _call_mask if mask_of is None else mask_of
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
     def encode_prompt(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
         mask = None
-        if not args:  # the pipelines call it with keywords only; positional use gets no mask
-            try:
-                mask = _call_mask(pipe, kwargs)
-            except Exception as exc:  # never break generation for a protection mask
-                logger.warning("could not compute the special-token mask (%s); special tokens are not protected", exc)
+        try:
+            mask = mask_of(pipe, dict(signature.bind_partial(*args, **kwargs).arguments))
+        except Exception as exc:  # never break generation for a protection mask
+            logger.warning("could not compute the special-token mask (%s); special tokens are not protected", exc)
         sink(mask)
         return out
 

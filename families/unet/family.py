@@ -39,15 +39,11 @@ class UNetFamily(ModelFamily):
     outputs_all_tokens = True  # pruned tokens are restored within the step from their most similar kept token
 
     def bind_pipeline(self, pipe: Any, pruner: Any) -> None:
-        """Hand each call's CLIP BOS/EOS mask to ``pruner`` (SD1.5 calls ``encode_prompt`` positionally)."""
-        from tokprune.families.unet import text as unet_text
+        """Hand each call's CLIP BOS/EOS mask to ``pruner`` (the generic wrapper, the U-Net's mask)."""
+        from tokprune.families.unet.text import call_mask
+        from tokprune.pruning.text import install_text_protect
 
-        unet_text.install(pipe, lambda mask: setattr(pruner, "call_text_protect", mask))
-
-    def unbind_pipeline(self, pipe: Any) -> None:
-        from tokprune.families.unet import text as unet_text
-
-        unet_text.uninstall(pipe)
+        install_text_protect(pipe, lambda mask: setattr(pruner, "call_text_protect", mask), mask_of=call_mask)
 
     # ---- call settings -------------------------------------------------------------------
     def text_tokens(self, pipe: Any, max_sequence_length: int | None) -> int:

@@ -2,22 +2,17 @@
 
 SD1.5 and SDXL pipelines feed the U-Net 77 CLIP rows per prompt (SDXL: the two encoders' hidden states
 concatenated along channels, so a row is special when either tokenizer puts BOS/EOS there). Padding
-positions are not protected. ``StableDiffusionPipeline`` calls ``encode_prompt`` positionally, so the
-wrapper binds arguments by the method's signature.
+positions are not protected. :func:`call_mask` is the family's ``mask_of`` for the one
+``encode_prompt`` wrapper (:func:`tokprune.pruning.text.install_text_protect`, which binds arguments by
+the method's signature: ``StableDiffusionPipeline`` calls it positionally).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-logger = logging.getLogger(__name__)
-
-_WRAPPED = "_tokprune_unet_text_protect"
 
 
 def _mask(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
@@ -48,42 +43,18 @@ def _as_list(p: Any, n: int) -> list[str]:
     return [p] * n if isinstance(p, str) else list(p)
 
 
-def install(pipe: Any, sink: Callable[[torch.Tensor | None], None]) -> None:
-    """Wrap ``pipe.encode_prompt`` so every call hands its (B, 77) mask, in the U-Net's row order
-    (``[negative; positive]`` under CFG, each repeated ``num_images_per_prompt``), to ``sink``."""
-    uninstall(pipe)
-    original = getattr(pipe, "encode_prompt", None)
-    if original is None or getattr(pipe, "tokenizer", None) is None:
-        return
-    sig = inspect.signature(original)
-
-    @functools.wraps(original)
-    def encode_prompt(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        mask = None
-        try:
-            a = sig.bind_partial(*args, **kwargs).arguments
-            if a.get("prompt") is not None and a.get("prompt_embeds") is None:
-                prompts = _as_list(a["prompt"], 1)
-                n, nipp = len(prompts), int(a.get("num_images_per_prompt") or 1)
-                rows = [special_token_mask(pipe, prompts, _as_list(a.get("prompt_2") or prompts, n)).repeat_interleave(nipp, 0)]
-                if a.get("do_classifier_free_guidance", True) and a.get("negative_prompt_embeds") is None:
-                    neg = _as_list(a.get("negative_prompt") or "", n)
-                    neg_mask = special_token_mask(pipe, neg, _as_list(a.get("negative_prompt_2") or neg, n))
-                    if getattr(pipe.config, "force_zeros_for_empty_prompt", False) and a.get("negative_prompt") is None:
-                        neg_mask = torch.zeros_like(neg_mask)  # SDXL: zero embeddings, no real tokens
-                    rows.insert(0, neg_mask.repeat_interleave(nipp, 0))
-                mask = torch.cat(rows, dim=0)
-        except Exception as exc:  # never break generation for a protection mask
-            logger.warning("could not compute the special-token mask (%s); special tokens are not protected", exc)
-        sink(mask)
-        return out
-
-    pipe.__dict__["encode_prompt"] = encode_prompt
-    pipe.__dict__[_WRAPPED] = True
-
-
-def uninstall(pipe: Any) -> None:
-    """Undo :func:`install` (no-op when not installed)."""
-    if getattr(pipe, "__dict__", {}).pop(_WRAPPED, None):
-        pipe.__dict__.pop("encode_prompt", None)
+def call_mask(pipe: Any, a: dict[str, Any]) -> torch.Tensor | None:
+    """The (B, 77) mask of one ``encode_prompt`` call (its bound arguments ``a``), in the U-Net's row order
+    (``[negative; positive]`` under CFG, each repeated ``num_images_per_prompt``); None for embeddings."""
+    if a.get("prompt") is None or a.get("prompt_embeds") is not None:
+        return None
+    prompts = _as_list(a["prompt"], 1)
+    n, nipp = len(prompts), int(a.get("num_images_per_prompt") or 1)
+    rows = [special_token_mask(pipe, prompts, _as_list(a.get("prompt_2") or prompts, n)).repeat_interleave(nipp, 0)]
+    if a.get("do_classifier_free_guidance", True) and a.get("negative_prompt_embeds") is None:
+        neg = _as_list(a.get("negative_prompt") or "", n)
+        neg_mask = special_token_mask(pipe, neg, _as_list(a.get("negative_prompt_2") or neg, n))
+        if getattr(pipe.config, "force_zeros_for_empty_prompt", False) and a.get("negative_prompt") is None:
+            neg_mask = torch.zeros_like(neg_mask)  # SDXL: zero embeddings, no real tokens
+        rows.insert(0, neg_mask.repeat_interleave(nipp, 0))
+    return torch.cat(rows, dim=0)
