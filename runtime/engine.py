@@ -136,8 +136,9 @@ class EngineExecutor:
             "timestep": inputs.timestep.to(torch.float32),
             "img_idx": inputs.img_idx.to(torch.int64),
         }
+        takes = set(spec.input_names())
         for name, x in self._conditions(st, inputs).items():  # the family's conditioning inputs
-            if name in spec.input_names():
+            if name in takes:
                 feed[name] = x.to(dt) if x.is_floating_point() else x
         if spec.prunes_text:
             feed["txt_idx"] = inputs.txt_idx.to(torch.int64)
