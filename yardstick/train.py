@@ -4,6 +4,7 @@ One command, time-limited, resumable::
 
     python -m tokprune.yardstick.train --out runs/shapes --device cuda --minutes 8 --pack-to $OUT
     python -m tokprune.yardstick.train --out /tmp/smoke --device cpu --smoke        # ~30 s check
+    python -m tokprune.yardstick.train --arch pixart --out /tmp/pix --device cuda --minutes 4 --pack-to $OUT/pix
 
 ``--minutes`` is the whole budget (set-up, VAE, transformer, final evaluation and saving;
 time spent before a resume counts). Phases:
@@ -103,6 +104,11 @@ def run(tc: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    if tc.arch == "pixart":
+        from tokprune.yardstick.pixart_train import run_pixart
+
+        with _Stop() as stop:
+            return run_pixart(tc, argv, stop)
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
     mcfg = PRESETS[tc.preset]
@@ -280,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--vae-batch", type=int, default=None)
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--preset", default="base", choices=sorted(PRESETS))
+    ap.add_argument("--arch", default="sd3", choices=["sd3", "pixart"],
+                    help="sd3: the shapes model (VAE + SD3 transformer); pixart: a PixArt-Σ-architecture transformer "
+                         "on the shipped shapes VAE (tokprune.yardstick.pixart_train)")
+    ap.add_argument("--preset", default="base", choices=["base", "smoke"])
     ap.add_argument("--log-every", type=int, default=None)
     ap.add_argument("--ckpt-minutes", type=float, default=3.0, help="checkpoint interval (0: only at phase ends)")
     ap.add_argument("--eval-n", type=int, default=None, help="held-out captions per final evaluation (default 128)")
@@ -309,7 +318,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         steps=a.steps, vae_steps=a.vae_steps, vae_minutes=a.vae_minutes, batch=a.batch, vae_batch=a.vae_batch,
         lr=a.lr, seed=a.seed, preset=a.preset, log_every=a.log_every, ckpt_minutes=a.ckpt_minutes, eval_n=a.eval_n,
         guidances=tuple(a.guidances), pack_to=a.pack_to, compile=a.compile, amp=a.amp, resume=a.resume, workers=a.workers,
-        smoke=a.smoke,
+        smoke=a.smoke, arch=a.arch,
     )
 
 

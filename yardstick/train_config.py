@@ -53,6 +53,7 @@ class TrainConfig:
     workers: int | None = None  # DataLoader processes building batches; default min(6, cores - 2) on CUDA, 0 on CPU
     resume: bool = True
     smoke: bool = False
+    arch: str = "sd3"  # sd3 (the shapes model) or pixart (PixArt-architecture transformer on the shapes VAE)
 
     def resolved(self) -> TrainConfig:
         cuda = self.device.startswith("cuda")
@@ -75,8 +76,13 @@ class TrainConfig:
             workers=pick(self.workers, min(6, max(1, (os.cpu_count() or 2) - 2)), 0, 0),
             warmup=2 if smoke else self.warmup,
         )
-        if tc.preset not in PRESETS:
-            raise ConfigError(f"--preset {tc.preset!r}; expected one of {tuple(PRESETS)}")
+        from tokprune.yardstick.pixart_model import PIXART_PRESETS
+
+        presets = {"sd3": PRESETS, "pixart": PIXART_PRESETS}.get(tc.arch)
+        if presets is None:
+            raise ConfigError(f"--arch {tc.arch!r}; expected sd3 or pixart")
+        if tc.preset not in presets:
+            raise ConfigError(f"--preset {tc.preset!r}; expected one of {tuple(presets)} for --arch {tc.arch}")
         if tc.minutes <= 0:
             raise ConfigError(f"--minutes {tc.minutes}; expected > 0")
         return tc
