@@ -15,6 +15,8 @@ compared on a task metric.
   :mod:`~tokprune.yardstick.train_loop` (the VAE and transformer phases)
 - :mod:`~tokprune.yardstick.evaluate` ``evaluate(pipe, n=64) -> {"mean": ..., "position": ..., ...}``
 - :mod:`~tokprune.yardstick.pack`     move a model directory through per-file size limits
+- :mod:`~tokprune.yardstick.pixart_model`, :mod:`~tokprune.yardstick.pixart_train`  the PixArt-Σ-architecture
+  twin (``train --arch pixart``, ``--model pixart-shapes``): same dataset, VAE and checker
 
 The comparison (``tokprune-quality``), one job per module:
 
@@ -35,6 +37,8 @@ from pathlib import Path as _Path
 
 #: The trained yardstick shipped with the package (``--model shapes``); training command in its training.json.
 SHAPES_DIR = _Path(__file__).resolve().parent / "weights" / "shapes"
+#: Where ``--model pixart-shapes`` is read from (trained with ``--arch pixart``, then unpacked here).
+PIXART_SHAPES_DIR = _Path(__file__).resolve().parent / "weights" / "pixart-shapes"
 
 
 def load_shapes_pipeline():
@@ -57,3 +61,34 @@ def load_shapes_pipeline():
     pipe, meta = load_pipeline(SHAPES_DIR)
     # calibration measures in-distribution captions of the train split (split seed 0), never the held-out one
     return set_call_defaults(pipe, meta.generation_kwargs(), calibration_prompts=[sample_spec(i, 0).caption for i in range(80)])
+
+
+def load_pixart_shapes_pipeline():
+    """trained 8-block PixArt-Σ architecture on procedural shapes (128 px, N=1024, T=32): the second yardstick
+
+    ``--model pixart-shapes``: the PixArt twin of ``shapes`` (same dataset, VAE and checker), read from
+    ``yardstick/weights/pixart-shapes``. Train and unpack it with::
+
+        python -m tokprune.yardstick.train --arch pixart --device cuda --minutes 4 --out runs/pix --pack-to runs/pix/pack
+        python -m tokprune.yardstick.pack unpack runs/pix/pack yardstick/weights/pixart-shapes
+
+    Example:
+        >>> from tokprune.models import load_pipeline
+        >>> pipe = load_pipeline("pixart-shapes")  # doctest: +SKIP
+    """
+    from tokprune.errors import ModelNotFoundError
+
+    if not (PIXART_SHAPES_DIR / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"--model pixart-shapes: {PIXART_SHAPES_DIR} has no model_index.json (got "
+            f"{'an incomplete folder' if PIXART_SHAPES_DIR.exists() else 'no folder'}, expected an unpacked "
+            "PixArt yardstick). Train it with `python -m tokprune.yardstick.train --arch pixart --device cuda "
+            "--minutes 4 --out runs/pix --pack-to runs/pix/pack`, then unpack it with `python -m "
+            f"tokprune.yardstick.pack unpack runs/pix/pack {PIXART_SHAPES_DIR}`"
+        )
+    from tokprune.models import set_call_defaults
+    from tokprune.yardstick.dataset import sample_spec
+    from tokprune.yardstick.pixart_model import generation_kwargs, load_pipeline
+
+    pipe, meta = load_pipeline(PIXART_SHAPES_DIR)
+    return set_call_defaults(pipe, generation_kwargs(meta), calibration_prompts=[sample_spec(i, 0).caption for i in range(80)])

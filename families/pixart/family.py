@@ -65,9 +65,12 @@ class PixArtFamily(ModelFamily):
         return int(text_tokens)
 
     def binned(self, pipe: Any, height: int, width: int) -> tuple[int, int]:
-        """The size the pipeline renders with its default ``use_resolution_binning=True``."""
+        """The size the pipeline renders with its default ``use_resolution_binning=True`` (the size asked for
+        when the model's call defaults say ``use_resolution_binning=False``, as ``pixart-shapes``'s do)."""
         from tokprune.families.pixart.models import binned_size
 
+        if self.call_defaults(pipe).get("use_resolution_binning", True) is False:
+            return int(height), int(width)
         return binned_size(int(self.denoiser(pipe).config.sample_size), height, width)
 
     def settings(self, pipe: Any, *, height: int | None = None, width: int | None = None, **kwargs: Any) -> CallSettings:
