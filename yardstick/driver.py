@@ -1,4 +1,10 @@
-"""The work loop of ``tokprune-quality``: prepare rows once, then measure every row chunk by chunk.
+"""The work loop of ``tokprune-quality``: phase by phase, prepare the phase's rows, then measure them chunk by chunk.
+
+Phases put the rows that matter most first, so a run cut off by a time limit still leaves a report
+that answers the main questions (:func:`phases`): the dense reference of every chunk with the noise
+row and CAT at 0.3 (the separation finding), then every plan row at 0.5, then 0.4, 0.6, 0.75, the rest
+of 0.3 and any other budget, then the diffusers cache rows. Each phase plans (calibrates) only its own
+rows, so calibration at later budgets costs nothing until their phase comes.
 
 :class:`Driver` keeps everything it finishes in a :class:`~tokprune.yardstick.store.RunStore`, so a
 rerun skips it: plans (calibration, CAT's t0 choice), MagCache's measured ratios, each plan row's
@@ -9,22 +15,54 @@ fraction per caption), so its ETA is a cost-weighted one.
 Example::
 
     driver = Driver(pipe, store, call=call, settings=settings, budgets=(0.3,), methods=("cat",), caches=[])
-    driver.prepare()
-    driver.run_chunk(0, 8)
+    driver.run(n=8, chunk=8)          # every phase; or: driver.prepare(); driver.run_chunk(0, 8)
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Driver"]
+__all__ = ["Driver", "PRIORITY_BUDGETS", "Phase", "phases"]
+
+#: Budgets in the order their plan rows run (after the first phase); others follow in the order given.
+PRIORITY_BUDGETS: tuple[float, ...] = (0.5, 0.4, 0.6, 0.75, 0.3)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One step of the work order: plan rows ``(budget, method)``, whether cache rows and the noise row run."""
+
+    name: str
+    rows: tuple[tuple[float, str], ...] = ()
+    caches: bool = False
+    noise: bool = False
+
+
+def phases(budgets: Sequence[float], methods: Sequence[str], caches: Sequence[str]) -> list[Phase]:
+    """The work order (see module doc). Every (budget, method) appears in exactly one phase."""
+    def has(bs: Sequence[float], b: float) -> bool:
+        return any(math.isclose(b, x) for x in bs)
+
+    lead = tuple((b, "cat") for b in budgets if math.isclose(b, 0.3) and "cat" in methods)
+    out = [Phase("dense references, noise row" + "".join(f", cat@{b:g}" for b, _ in lead), lead, noise=True)]
+    order = [b for b in PRIORITY_BUDGETS if has(budgets, b)] + [b for b in budgets if not has(PRIORITY_BUDGETS, b)]
+    for pb in order:
+        b = next(x for x in budgets if math.isclose(x, pb))
+        rows = tuple((b, m) for m in methods if (b, m) not in lead)
+        if rows:
+            out.append(Phase(f"budget {b:g}", rows))
+    if caches:
+        out.append(Phase("diffusers caches", caches=True))
+    return out
 
 
 class Driver:
@@ -32,7 +70,7 @@ class Driver:
 
     def __init__(self, pipe: Any, store: Any, *, call: Any, settings: dict[str, Any], budgets: Sequence[float],
                  methods: Sequence[str], caches: Sequence[str], progress: bool = True,
-                 prefer_rollouts: bool = True) -> None:
+                 prefer_rollouts: bool = True, metric_workers: int = 0, metric_threads: int = 2) -> None:
         from tokprune.yardstick import SHAPES_DIR
 
         self.pipe, self.store, self.call, self.settings = pipe, store, call, settings
@@ -42,6 +80,43 @@ class Driver:
         self.score = model == "shapes" or str(model) == str(SHAPES_DIR)  # checker metrics need the trained yardstick
         self.rows: list[Any] = []
         self._bar: Any = None
+        self._calib_runs: Any = None
+        self.metric_workers, self.metric_threads = metric_workers, metric_threads
+        self._metrics: Any = None
+
+    @property
+    def metrics(self) -> Any:
+        """The :class:`~tokprune.yardstick.workers.MetricPool` (started on first use)."""
+        if self._metrics is None:
+            from tokprune.yardstick.workers import MetricPool
+
+            self._metrics = MetricPool(self.store, self.metric_workers, self.metric_threads)
+        return self._metrics
+
+    def close(self, *, cancel: bool = False) -> None:
+        """Record every metric in flight (``cancel``: only the finished ones) and stop the metric workers."""
+        if self._metrics is not None:
+            self._metrics.close(cancel=cancel)
+            self._metrics = None
+
+    # ---- the whole comparison -----------------------------------------------------------
+    def run(self, n: int, chunk: int, after_phase: Callable[[Phase], None] | None = None) -> None:
+        """Every phase (:func:`phases`) on captions ``0..n-1`` in chunks; ``after_phase`` after each (a report)."""
+        try:
+            for ph in phases(self.budgets, self.methods, self.caches):
+                t0 = time.perf_counter()
+                logger.info("phase: %s", ph.name)
+                rows = self.prepare_rows(ph.rows, caches=ph.caches)
+                for start in range(0, n, chunk):
+                    self.run_chunk(start, min(n, start + chunk), rows=rows, noise=ph.noise)
+                self.metrics.drain()
+                logger.info("phase done: %s (%.0f s)", ph.name, time.perf_counter() - t0)
+                if after_phase is not None:
+                    after_phase(ph)
+        except BaseException:
+            self.close(cancel=True)
+            raise
+        self.close()
 
     # ---- captions -------------------------------------------------------------------
     def captions(self, start: int, stop: int) -> tuple[list[str], list[int]]:
@@ -52,23 +127,32 @@ class Driver:
 
     # ---- preparation (once, stored) ----------------------------------------------------
     def prepare(self) -> None:
-        """Plans of every plan row, MagCache ratios, counted MACs of each plan row."""
+        """Plans of every plan row, MagCache ratios, counted MACs of each plan row (every phase's rows at once)."""
+        self.rows = self.prepare_rows([(b, m) for b in self.budgets for m in self.methods], caches=True)
+
+    def prepare_rows(self, pairs: Sequence[tuple[float, str]], *, caches: bool) -> list[Any]:
+        """The rows of plan ``(budget, method)`` pairs (planned, MACs counted) and, with ``caches``, the cache rows."""
         from tokprune.yardstick.rows import cache_rows, plan_rows
         from tokprune.yardstick.runs import make_runs, measure_plan_macs
 
         calib = self.settings["calib_captions"]
         calib_seeds = [self.settings["seed"] + i for i in range(len(calib))]
-        calib_runs = make_runs(self.pipe, calib, call=self.call, seeds=calib_seeds, prefer_rollouts=self.prefer_rollouts)
+        if self._calib_runs is None:  # shared by every phase (CAT's t0 choice reuses its dense warm-ups)
+            self._calib_runs = make_runs(self.pipe, calib, call=self.call, seeds=calib_seeds,
+                                         prefer_rollouts=self.prefer_rollouts)
         t0 = time.perf_counter()
-        rows = plan_rows(
-            self.pipe, budgets=self.budgets, methods=self.methods, call=self.call, calib_runs=calib_runs,
-            seed=self.settings["seed"], model=self.settings["model"], store=self.store,
-            checkpoint_dir=self.store.folder / "calibration", on_progress=lambda m: logger.info("%s", m),
-        )
+        rows: list[Any] = []
+        for b in dict.fromkeys(b for b, _ in pairs):
+            rows += plan_rows(
+                self.pipe, budgets=(b,), methods=tuple(m for bb, m in pairs if bb == b), call=self.call,
+                calib_runs=self._calib_runs, seed=self.settings["seed"], model=self.settings["model"], store=self.store,
+                checkpoint_dir=self.store.folder / "calibration", on_progress=lambda m: logger.info("%s", m),
+            )
         if time.perf_counter() - t0 > 1.0:
-            self.store.append({"kind": "timing", "what": "planning", "seconds": round(time.perf_counter() - t0, 1)})
+            self.store.append({"kind": "timing", "what": "planning", "rows": [r.name for r in rows],
+                               "seconds": round(time.perf_counter() - t0, 1)})
         ratios = None
-        if any(c.startswith("magcache") for c in self.caches):
+        if caches and any(c.startswith("magcache") for c in self.caches):
             rec = self.store.find("mag_ratios")
             if rec is None:
                 from tokprune.families.sd3.caches import measure_mag_ratios
@@ -79,7 +163,8 @@ class Driver:
                 self.store.append({"kind": "mag_ratios", "ratios": ratios, "seconds": round(time.perf_counter() - t0, 1)})
             else:
                 ratios = rec["ratios"]
-        rows += cache_rows(self.caches, mag_ratios=ratios)
+        if caches:
+            rows += cache_rows(self.caches, mag_ratios=ratios)
         prompt, seed = self.captions(0, 1)
         for r in rows:
             if r.is_cache or self.store.has("macs", row=r.name):
@@ -90,7 +175,7 @@ class Driver:
             m = measure_plan_macs(self.pipe, plan_from_dict(r.plan), r.policy, self.call, prompt[0], seed[0])
             self.store.append({"kind": "macs", "row": r.name, **m, "seconds": round(time.perf_counter() - t0, 1)})
             logger.info("%s: counted MAC fraction %.4f (plan's analytic %.4f)", r.name, m["fraction"], m["analytic"])
-        self.rows = rows
+        return rows
 
     # ---- cost ------------------------------------------------------------------------
     def row_fraction(self, row: Any) -> float:
@@ -145,7 +230,7 @@ class Driver:
         if imgs is not None and lats is not None and len(imgs) == len(captions):
             return imgs, torch.from_numpy(lats)
         t0 = time.perf_counter()
-        lat = runs.dense()
+        lat = runs.dense().detach().float().cpu()  # kept on the CPU: metrics and the stored .npy
         imgs = decode(self.pipe, lat)
         self.store.save_array(f"dense-{start}", imgs)
         self.store.save_array(f"dense-latents-{start}", lat.numpy())
@@ -157,17 +242,19 @@ class Driver:
                                "seconds": round(time.perf_counter() - t0, 1)})
         return imgs, lat
 
-    def run_chunk(self, start: int, stop: int) -> None:
-        """Every row not yet measured on captions ``start..stop-1``."""
+    def run_chunk(self, start: int, stop: int, rows: Sequence[Any] | None = None, noise: bool | None = None) -> None:
+        """Every row of ``rows`` (default: all prepared) not yet measured on captions ``start..stop-1``; the
+        chunk's dense reference if not stored; the noise row at chunk 0 unless ``noise`` is False. Records of
+        rows whose metrics are computed in workers land by :meth:`close` (or the metric pool's ``drain``)."""
         from tqdm.auto import tqdm
 
-        from tokprune.yardstick.metrics import chunk_metrics
         from tokprune.yardstick.rows import plan_from_dict
         from tokprune.yardstick.runs import decode, make_runs, run_cache
 
         caps, seeds = self.captions(start, stop)
-        todo = [r for r in self.rows if not self._done(r.name, start)]
-        noise = start == 0 and self.settings["noise_n"] > 0 and not self._done("dense-rerun", 0)
+        todo = [r for r in (self.rows if rows is None else rows) if not self._done(r.name, start)]
+        noise = (noise is not False and start == 0 and self.settings["noise_n"] > 0
+                 and not self._done("dense-rerun", 0))
         if not todo and not noise and self.store.has("dense", start=start):
             return
         units = len(caps) * (1 + sum(self.row_fraction(r) for r in todo)) + (self.settings["noise_n"] if noise else 0)
@@ -183,30 +270,30 @@ class Driver:
         for r in todo:
             t0 = time.perf_counter()
             rec = {**base, "row": r.name, "method": r.method, "budget": r.budget}
-            if r.info.get("identical_to") and self._done(r.info["identical_to"], start):
-                src = self.store.find("chunk", row=r.info["identical_to"], start=start)
+            same = r.info.get("identical_to")
+            if same:
+                self.metrics.wait(same, start)  # its record may still be in a metric worker
+            if same and self._done(same, start):
+                src = self.store.find("chunk", row=same, start=start)
                 rec.update({m: src[m] for m in ("psnr", "ssim", "iou", "acc", "latent_err")},
-                           identical_to=r.info["identical_to"], seconds=0.0)
+                           identical_to=same, seconds=0.0)
+                self.store.append(rec)
             elif r.is_cache:
                 lat, fracs, calls, _ = run_cache(self.pipe, caps, seeds, self.call, r.cache)
-                rec.update(chunk_metrics(decode(self.pipe, lat), dense_imgs, lat, dense_lat, caps, self.score),
-                           mac_fraction=fracs, calls=calls, settings=r.info.get("settings"))
+                rec.update(mac_fraction=fracs, calls=calls, settings=r.info.get("settings"))
+                self.metrics.submit(rec, decode(self.pipe, lat), dense_imgs, lat, dense_lat, caps, score=self.score,
+                                    started=t0)
             else:
                 lat = runs.run(plan_from_dict(r.plan), r.policy)
-                rec.update(chunk_metrics(decode(self.pipe, lat), dense_imgs, lat, dense_lat, caps, self.score))
-            rec.setdefault("seconds", round(time.perf_counter() - t0, 1))
-            self.store.append(rec)
+                self.metrics.submit(rec, decode(self.pipe, lat), dense_imgs, lat, dense_lat, caps, score=self.score,
+                                    started=t0)
             bar.update(round(len(caps) * self.row_fraction(r), 2))
-            logger.info("%s captions %d-%d: PSNR %.2f dB, IoU %s (%.0f s)", r.name, start, stop - 1,
-                        float(np.mean(rec["psnr"])), "-" if rec["iou"] is None else f"{np.mean(rec['iou']):.4f}",
-                        rec["seconds"])
         bar.close()
 
     def _noise_row(self, dense_imgs: np.ndarray, dense_lat: Any, base: dict[str, Any]) -> None:
         """Dense again on the first ``noise_n`` captions with another batch split: the metrics' noise floor."""
         import torch
 
-        from tokprune.yardstick.metrics import chunk_metrics
         from tokprune.yardstick.runs import EagerRuns, decode
 
         k = min(self.settings["noise_n"], len(dense_imgs))
@@ -219,6 +306,5 @@ class Driver:
             lat = EagerRuns(self.pipe, caps * 2, call=self.call, seeds=seeds * 2).dense()[:1]
             how = "the caption batched twice in one call (reference: alone)"
         rec = {**base, "stop": k, "row": "dense-rerun", "method": "dense-rerun", "budget": None, "how": how}
-        rec.update(chunk_metrics(decode(self.pipe, lat), dense_imgs[:k], lat, dense_lat[:k], caps, self.score))
-        rec["seconds"] = round(time.perf_counter() - t0, 1)
-        self.store.append(rec)
+        self.metrics.submit(rec, decode(self.pipe, lat), dense_imgs[:k], lat, dense_lat[:k], caps, score=self.score,
+                            started=t0)

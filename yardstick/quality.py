@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's, else 256)")
     p.add_argument("--seed", type=int, default=0, help="caption i uses seed+i (default: 0)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of the model, calibration, every row and the MAC counting: cpu or cuda[:i] "
+                        "(default: cpu). Numbers differ across devices, so each keeps its own --out records")
+    p.add_argument("--metric-workers", type=int, default=None,
+                   help="processes computing the per-caption metrics beside the sampling (default: 0 on cpu, "
+                        "min(6, cores/2 - 1) on cuda)")
     p.add_argument("--no-rollouts", action="store_true", help="plain pipeline calls instead of shared-prefix rollouts")
     p.add_argument("--estimate", action="store_true", help="measure one dense caption, print the projected time, stop")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from OUT/.work/records.jsonl")
@@ -113,12 +119,40 @@ def _invocation() -> list[str]:
     return [PROG]
 
 
-def _versions() -> dict[str, Any]:
+def _versions(device: str = "cpu") -> dict[str, Any]:
     import torch
 
     from tokprune.environment import device_name, versions
 
-    return {**versions("diffusers", "numpy"), "threads": torch.get_num_threads(), "device": device_name("cpu")}
+    return {**versions("diffusers", "numpy"), "threads": torch.get_num_threads(), "device": device_name(device)}
+
+
+def _device(text: str) -> str:
+    """``--device`` checked before the model loads: cpu, or a CUDA device this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"--device {text!r}: {e}; expected cpu or cuda[:index]") from e
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise ConfigError(f"--device {text!r}: this machine has {count} CUDA device(s); pass --device cpu "
+                              "(or run on a machine with a GPU)")
+    elif dev.type != "cpu":
+        raise ConfigError(f"--device {text!r}; expected cpu or cuda[:index]")
+    return str(dev)
+
+
+def _metric_workers(requested: int | None, device: str) -> int:
+    import os
+
+    if requested is not None:
+        if requested < 0:
+            raise ConfigError(f"--metric-workers {requested}; expected >= 0 (0 = in the main process)")
+        return requested
+    return 0 if device == "cpu" else max(1, min(6, (os.cpu_count() or 2) // 2 - 1))
 
 
 def write_report(out: Path, store: Any, settings: dict[str, Any], command: str, wall: float) -> str:
@@ -129,7 +163,7 @@ def write_report(out: Path, store: Any, settings: dict[str, Any], command: str, 
     agg = report.aggregate(records, settings["n"])
     doc = {
         "settings": settings,
-        "versions": _versions(),
+        "versions": _versions(settings.get("device", "cpu")),
         "command": command,
         "wall_time_s": round(wall, 1),
         "work_seconds": round(sum(r.get("seconds", 0.0) for r in records), 1),
@@ -159,8 +193,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.n < 1 or args.chunk < 1 or args.calib_prompts < 1 or args.noise_n < 0:
         raise ConfigError(f"--n {args.n} / --chunk {args.chunk} / --calib-prompts {args.calib_prompts} / --noise-n "
                           f"{args.noise_n}; expected >= 1 (noise-n >= 0)")
+    device = _device(args.device)
+    workers = _metric_workers(args.metric_workers, device)
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, device=device)
     resolved = family_for(pipe).settings(pipe, steps=args.steps, max_sequence_length=args.max_sequence_length)
     call = Call(
         steps=resolved.steps, guidance=resolved.guidance, height=resolved.height, width=resolved.width,
@@ -177,6 +213,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         "noise_n": args.noise_n,
         "rollouts": not args.no_rollouts,
     }
+    if device != "cpu":  # in the fingerprint (other numbers); absent on the CPU, so earlier CPU work folders stay valid
+        settings["device"] = device
     # The fingerprint leaves out n (more captions extend a run), budgets/methods/caches (rows are keyed by name).
     key = {k: v for k, v in settings.items() if k != "n"}
     work = args.out / ".work"
@@ -193,14 +231,15 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from tokprune.yardstick.driver import Driver
 
     driver = Driver(pipe, store, call=call, settings=settings, budgets=budgets, methods=methods, caches=caches,
-                    progress=not args.quiet, prefer_rollouts=not args.no_rollouts)
+                    progress=not args.quiet, prefer_rollouts=not args.no_rollouts, metric_workers=workers,
+                    metric_threads=max(1, args.threads))
     if args.estimate:
         sys.stdout.write(driver.estimate_text())
         return 0
-    driver.prepare()
-    for start in range(0, args.n, args.chunk):
-        driver.run_chunk(start, min(args.n, start + args.chunk))
-        write_report(args.out, store, settings, command, time.perf_counter() - t_start)
+    # Phase by phase (driver.phases: dense + noise + CAT@0.3, then budget 0.5, 0.4, 0.6, 0.75, 0.3, then caches);
+    # a report after each, so a run cut off by a time limit leaves one (rows with fewer captions say their n).
+    driver.run(args.n, args.chunk,
+               after_phase=lambda _ph: write_report(args.out, store, settings, command, time.perf_counter() - t_start))
     sys.stdout.write(write_report(args.out, store, settings, command, time.perf_counter() - t_start))
     return 0
 

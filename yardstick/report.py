@@ -96,12 +96,15 @@ def aggregate(records: list[dict[str, Any]], n: int, *, resamples: int = 1000, s
         diffs = {}
         for m in ("psnr", "iou", "ssim"):
             a, o = per_caption[ref].get(m), per_caption[r["row"]].get(m)
-            if a is not None and o is not None and len(a) == len(o):
-                diffs[m] = dict(zip(("mean", "lo", "hi"), bootstrap_ci(a - o, resamples=resamples, seed=seed)))
+            k = 0 if a is None or o is None else min(len(a), len(o))  # a cut-off run: the captions both rows have
+            if k:  # (chunks run in caption order, so both hold captions 0..k-1)
+                diffs[m] = {**dict(zip(("mean", "lo", "hi"), bootstrap_ci(a[:k] - o[:k], resamples=resamples, seed=seed))),
+                            "n": k}
         r["calibrated_minus_this"] = diffs
     dense = [r for r in records if r.get("kind") == "dense" and r["start"] < n]
     dense_acc = _concat(dense, "acc", n) if dense else None
     out = {
+        "n": n,
         "rows": rows,
         "dense": {
             "n": 0 if dense_acc is None else int(len(dense_acc)),
@@ -195,6 +198,12 @@ def findings(agg: dict[str, Any]) -> list[str]:
             out.append(f"Calibrated plan at {b:g}: {pruned} token-pruned steps, {keeps.count(0)} reuse steps of {len(keeps)}.")
     for u in agg.get("unreachable", []):
         out.append(f"{u['row']}: no plan at this budget: {u['reason']}")
+    full = agg.get("n") or max((r["n"] for r in rows if r["method"] != "dense-rerun"), default=0)
+    short = [f"{r['row']} (n={r['n']})" for r in rows if r["method"] != "dense-rerun" and r["n"] < full]
+    if short:
+        out.append(f"Incomplete run: {len(short)} row(s) have fewer than the {full} captions asked (cut off; a rerun "
+                   "of the same command completes them; paired differences use the captions both rows have): "
+                   + ", ".join(short) + ".")
     off = [f"{r['row']} ({r['mac_fraction']:.3f})" for r in rows
            if r["budget"] is not None and "mac_fraction" in r and abs(r["mac_fraction"] - r["budget"]) > MAC_TOL]
     out.append("Counted MACs within +-0.01 of the budget for every plan row." if not off

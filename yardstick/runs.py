@@ -80,10 +80,10 @@ def _latents(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], call: Call
 
 
 def decode(pipe: Any, latents: torch.Tensor) -> np.ndarray:
-    """(P, H, W, 3) float32 images in [0, 1] from final latents, as the SD3 pipeline decodes them."""
+    """(P, H, W, 3) float32 images in [0, 1] from final latents (any device), as the SD3 pipeline decodes them."""
     vae = pipe.vae
     with torch.no_grad():
-        x = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        x = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(x, return_dict=False)[0]
     return np.asarray(pipe.image_processor.postprocess(image, output_type="np"), dtype=np.float32)
 
