@@ -42,7 +42,7 @@ from tokprune.pruning.plan import PrunePlan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BASELINES", "baseline_schedule", "calibrate", "check_inputs"]
+__all__ = ["BASELINES", "baseline_schedule", "cache_plan", "calibrate", "check_inputs"]
 
 
 def check_inputs(
@@ -94,7 +94,7 @@ def calibrate(
     width: int | None = None,
     guidance: float | None = None,
     max_buckets: int = 4,
-    policy: str = "cat",
+    policy: str | None = None,
     num_prompts: int | None = 4,
     holdout_prompts: int = 2,
     seed: int = 0,
@@ -126,7 +126,8 @@ def calibrate(
             yardstick's train captions, else the ~80 shipped ones); ``num_prompts`` of them, evenly spread,
             are measured and ``holdout_prompts`` others validate the pick.
         max_rollouts: measured candidate schedules at most (9 seeds, then measured moves; 16 by default).
-        policy: selection policy the runtime will use (``"cat"``, ``"dynamics"``, ``"random"``).
+        policy: selection policy the runtime will use (``"cat"``, ``"dynamics"``, ``"random"``; None: the
+            model family's default, ``cat``, ``dynamics`` for U-Nets).
         prune_text: let the search prune text tokens too. allow_reuse: let it skip whole steps (K = 0).
         batch_size: prompts per transformer call while measuring (each call carries 2x that under CFG).
         model: the source string recorded in the schedule (what ``--model`` was).
@@ -139,6 +140,8 @@ def calibrate(
     from tokprune.calibrate.checkpoint import RolloutStore
     from tokprune.models import fingerprint
 
+    family = family_for(pipe)
+    policy = family.default_policy if policy is None else policy
     height, width, geometry = check_inputs(
         pipe, budget=budget, steps=steps, height=height, width=width, max_buckets=max_buckets, policy=policy,
         max_sequence_length=max_sequence_length, reuse=reuse,
@@ -193,7 +196,7 @@ def calibrate(
             result = search(
                 lambda p: meter.error("calib", calib, p), geometry, steps, budget, align=align,
                 max_buckets=max_buckets, reuse=reuse, allow_reuse=allow_reuse, prune_text=prune_text,
-                max_rollouts=max_rollouts,
+                max_rollouts=max_rollouts, step_cache=family.step_caching,
             )
             plan = result.best.plan
             holdout = meter.validate(held, plan) if held else None
@@ -310,16 +313,19 @@ def _freeze(
     from tokprune.models import fingerprint
 
     n, t = geometry.num_tokens, geometry.text_tokens
-    keeps = [(plan.image_k(s, n), plan.text_k(s, t)) for s in range(steps)]
-    buckets = tuple(sorted({Bucket(k, tk) for k, tk in keeps if k > 0} | {Bucket(n, t)}, reverse=True))
-    entries = tuple(REUSE if k == 0 else Bucket(k, tk).key for k, tk in keeps)
+    keeps = [(plan.image_k(s, n), plan.text_k(s, t), plan.is_cached(s)) for s in range(steps)]
+    buckets = tuple(sorted({Bucket(k, tk, c) for k, tk, c in keeps if k > 0} | {Bucket(n, t)}, key=lambda b: b.order,
+                           reverse=True))
+    entries = tuple(REUSE if k == 0 else Bucket(k, tk, c).key for k, tk, c in keeps)
     stats["warmup"] = next((s for s in range(steps) if not plan.is_dense(s)), steps)
     stats["plan"] = describe(plan)
     stats["probe_steps"] = list(plan.probe_steps())
+    if plan.step_cache is not None:  # step caching (U-Nets' DeepCache): which steps reuse the deep feature
+        stats["cached_steps"] = [s for s in range(steps) if plan.is_cached(s)]
     stats["macs"] = {
         "batch": geometry.batch,
         "dense_step": dense_macs(geometry),
-        "per_bucket": {b.key: step_macs(geometry, b.image_keep, b.text_keep, reuse) for b in buckets},
+        "per_bucket": {b.key: step_macs(geometry, b.image_keep, b.text_keep, reuse, cached=b.cached) for b in buckets},
         "probe_extra": step_macs(geometry, n, t, reuse, probe=True) - dense_macs(geometry),
     }
     scheduler = pipe.scheduler
@@ -351,7 +357,7 @@ def _freeze(
 
 
 
-BASELINES = ("cat", "ras", "interleaved")
+BASELINES = ("cat", "ras", "interleaved", "cache")
 
 
 def baseline_schedule(
@@ -365,16 +371,17 @@ def baseline_schedule(
     guidance: float | None = None,
     max_sequence_length: int | None = None,
     model: str | None = None,
-    policy: str = "cat",
+    policy: str | None = None,
     reuse: str = "noise",
     align: int | None = None,
     **options: Any,
 ) -> Schedule:
     """A fixed baseline (:mod:`tokprune.calibrate.baselines`) at ``budget``, frozen as :func:`calibrate` freezes.
 
-    Nothing is measured: ``baseline`` is ``"cat"`` (``t0`` dense steps, then one K), ``"ras"`` or
-    ``"interleaved"``; ``options`` go to that function (e.g. ``t0=8``). Settings default as in
-    :func:`calibrate`; ``align`` defaults to :func:`~tokprune.calibrate.baselines.derive_align`.
+    Nothing is measured: ``baseline`` is ``"cat"`` (``t0`` dense steps, then one K), ``"ras"``,
+    ``"interleaved"`` or ``"cache"`` (families with step caching, DeepCache-style: :func:`cache_plan`);
+    ``options`` go to that function (e.g. ``t0=8``). Settings default as in :func:`calibrate`;
+    ``align`` defaults to :func:`~tokprune.calibrate.baselines.derive_align`.
 
     Example::
 
@@ -386,6 +393,11 @@ def baseline_schedule(
 
     if baseline not in BASELINES:
         raise ConfigError(f"baseline {baseline!r} is unknown; expected one of {', '.join(BASELINES)}")
+    if baseline == "cache" and not family_for(pipe).step_caching:
+        raise ConfigError(f"baseline 'cache' needs a model family with step caching; {family_for(pipe).name} has none "
+                          f"(use one of {', '.join(b for b in BASELINES if b != 'cache')})")
+    if policy is None:
+        policy = family_for(pipe).default_policy
     height, width, geometry = check_inputs(
         pipe, budget=budget, steps=steps, height=height, width=width, max_buckets=4, policy=policy,
         max_sequence_length=max_sequence_length, reuse=reuse,
@@ -395,9 +407,30 @@ def baseline_schedule(
     align = derive_align(geometry.num_tokens) if align is None else int(align)
     if baseline == "interleaved":
         plan = baselines.interleaved_schedule(geometry, steps, budget, reuse=reuse, **options)
+    elif baseline == "cache":
+        plan = cache_plan(geometry, steps, budget, align=align, reuse=reuse, **options)
     else:
         make = baselines.cat_schedule if baseline == "cat" else baselines.ras_schedule
         plan = make(geometry, steps, budget, align=align, reuse=reuse, **options)
     stats = {"method": f"baseline:{baseline} (tokprune.calibrate.baselines, not measured)", "options": dict(options)}
     return _freeze(pipe, plan, geometry, stats, model=model, height=height, width=width, steps=steps,
                    guidance=guidance, budget=float(budget), policy=policy, reuse=reuse, align=align)
+
+
+def cache_plan(geometry: Any, steps: int, budget: float, *, align: int, interval: int = 2, warmup: int = 1,
+               text: float = 1.0, reuse: str = "noise", max_buckets: int = 4) -> PrunePlan:  # fmt: skip
+    """A step-caching (DeepCache-style) plan at ``budget``: ``warmup`` dense steps, then every ``interval``-th
+    step full and the others cached, one keep count K (never below ``geometry.min_keep``) solved to the
+    budget, text kept at ``text`` of T. The calibration search's structure with ``cache=interval``
+    (:func:`tokprune.calibrate.search.realize`); raises :class:`ConfigError` when the budget is out of reach.
+    """
+    from tokprune.calibrate.search import Structure, realize
+
+    st = Structure(int(warmup), cache=int(interval), text=float(text))
+    plan = realize(st, geometry, steps, budget, align=align, max_buckets=max_buckets, reuse=reuse)
+    if plan is None:
+        raise ConfigError(
+            f"the cache baseline (warm-up {warmup}, interval {interval}, text {text:g}) cannot reach --budget {budget:g} "
+            f"within {TOLERANCE:g} in {steps} steps; change the budget, interval= or warmup="
+        )
+    return plan

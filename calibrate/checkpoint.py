@@ -33,11 +33,11 @@ FILE = "rollouts.jsonl"
 
 
 def _key(identity: dict[str, Any], group: str, plan: PrunePlan, policy: str) -> str:
-    return json_sha256(
-        {"identity": identity, "group": group, "policy": policy, "image": list(plan.image_keep),
-         "text": None if plan.text_keep is None else list(plan.text_keep)},
-        allow_nan=True,
-    )
+    body = {"identity": identity, "group": group, "policy": policy, "image": list(plan.image_keep),
+            "text": None if plan.text_keep is None else list(plan.text_keep)}
+    if plan.step_cache is not None:  # only plans with cached steps: keys of other plans stay as they were
+        body["cache"] = list(plan.step_cache)
+    return json_sha256(body, allow_nan=True)
 
 
 class RolloutStore:

@@ -109,14 +109,17 @@ def _tensor_bytes(obj: Any) -> int:
 
 
 def _all_dense(prefix: tuple) -> bool:
-    """A prefix of dense, full-text steps without probes (the warm-up every candidate shares)."""
-    return all(k == ALL and t == ALL and not probe for k, t, probe in prefix)
+    """A prefix of dense, full-text steps without probes or cached steps (the warm-up every candidate shares)."""
+    return all(e[0] == ALL and e[1] == ALL and not any(e[2:]) for e in prefix)
 
 
-def _plan_key(plan: PrunePlan, steps: int) -> tuple[tuple[int, int, bool], ...]:
-    """Per step (image keep, text keep, probe): what the state after a prefix depends on."""
+def _plan_key(plan: PrunePlan, steps: int) -> tuple[tuple[int, ...], ...]:
+    """Per step (image keep, text keep, probe[, cached]): what the state after a prefix depends on (the
+    cached flag only for plans with step caching)."""
     text = plan.text_keep if plan.text_keep is not None else (ALL,) * steps
     probes = set(plan.probe_steps())
+    if plan.step_cache is not None:
+        return tuple((k, t, s in probes, plan.is_cached(s)) for s, (k, t) in enumerate(zip(plan.image_keep, text)))
     return tuple((k, t, s in probes) for s, (k, t) in enumerate(zip(plan.image_keep, text)))
 
 
@@ -266,7 +269,8 @@ class Rollouts:
         pruner.state.step = s + 1
         k = pruner.plan.image_k(s, g.num_tokens)
         if k > 0:
-            frac = step_macs(g, k, pruner.plan.text_k(s, g.text_tokens), self.reuse, probe=s in pruner.probe_steps)
+            frac = step_macs(g, k, pruner.plan.text_k(s, g.text_tokens), self.reuse, probe=s in pruner.probe_steps,
+                             cached=pruner.plan.is_cached(s))
             self.executed_steps += 1
             self.executed_units += frac / self._dense_step_macs
             if self.on_step is not None:

@@ -38,7 +38,8 @@ from tokprune.pruning.plan import ALL, PrunePlan
 
 SCHEMA_VERSION = 1
 REUSE = "reuse"  # plan entry of a step that makes no transformer call
-_KEY_RE = re.compile(r"^k(\d{4,})-t(\d{4,})$")
+CACHED_SUFFIX = "-cached"  # key suffix of a step-caching (DeepCache) bucket: a separate engine
+_KEY_RE = re.compile(r"^k(\d{4,})-t(\d{4,})(-cached)?$")
 
 
 @dataclass(frozen=True, order=True)
@@ -46,28 +47,38 @@ class Bucket:
     """One static shape: ``image_keep`` image tokens and ``text_keep`` text tokens per call.
 
     Both are concrete counts (the dense bucket is ``Bucket(N, T)``), so a bucket alone fixes every
-    tensor shape of its engine. ``key`` (e.g. ``"k0128-t0333"``) names its files.
+    tensor shape of its engine. ``key`` (e.g. ``"k0128-t0333"``) names its files. ``cached``: a
+    step-caching step (DeepCache on U-Nets: only the outer blocks run, the deep feature of the last
+    full step is reused), a separate engine whose key ends in ``-cached``.
     """
 
     image_keep: int
     text_keep: int
+    cached: bool = False
 
     def __post_init__(self) -> None:
         for name in ("image_keep", "text_keep"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ScheduleError(f"Bucket.{name} = {v!r}; expected a positive int")
+        if not isinstance(self.cached, bool):
+            raise ScheduleError(f"Bucket.cached = {self.cached!r}; expected a bool")
 
     @property
     def key(self) -> str:
-        return f"k{self.image_keep:04d}-t{self.text_keep:04d}"
+        return f"k{self.image_keep:04d}-t{self.text_keep:04d}" + (CACHED_SUFFIX if self.cached else "")
+
+    @property
+    def order(self) -> tuple[int, int, bool]:
+        """Sort key of a schedule's buckets (descending): larger K first, a full step before its cached one."""
+        return (self.image_keep, self.text_keep, not self.cached)
 
     @classmethod
     def from_key(cls, key: str) -> "Bucket":
         m = _KEY_RE.match(key)
         if m is None:
-            raise ScheduleError(f"bucket key {key!r} is not of the form 'k0128-t0333'")
-        return cls(int(m.group(1)), int(m.group(2)))
+            raise ScheduleError(f"bucket key {key!r} is not of the form 'k0128-t0333' (or 'k0128-t0333-cached')")
+        return cls(int(m.group(1)), int(m.group(2)), cached=m.group(3) is not None)
 
 
 def _recalibrate_hint(model: str, height: int, width: int, steps: int, budget: float) -> str:
@@ -196,7 +207,7 @@ class Schedule:
                 raise bad(f"bucket {b!r} is not a Bucket")
             if b.image_keep > self.num_tokens or b.text_keep > self.text_tokens:
                 raise bad(f"bucket {b.key} exceeds N={self.num_tokens} image / T={self.text_tokens} text tokens")
-        if list(self.buckets) != sorted(set(self.buckets), reverse=True):
+        if list(self.buckets) != sorted(set(self.buckets), key=lambda b: b.order, reverse=True):
             raise bad(f"buckets {[b.key for b in self.buckets]} are not unique and sorted descending")
         if len(self.plan) != self.steps:
             raise bad(f"plan has {len(self.plan)} entries for {self.steps} steps")
@@ -230,16 +241,20 @@ class Schedule:
         """The :class:`PrunePlan` the eager sampler / runtime walks (dense -> ALL, reuse -> 0)."""
         image: list[int] = []
         text: list[int] = []
+        cached: list[bool] = []
         for s in range(self.steps):
             b = self.bucket_at(s)
             if b is None:
                 image.append(0)
                 text.append(ALL)
+                cached.append(False)
                 continue
             image.append(ALL if b.image_keep >= self.num_tokens else b.image_keep)
             text.append(ALL if b.text_keep >= self.text_tokens else b.text_keep)
+            cached.append(b.cached)
         prunes_text = any(t != ALL for t in text)
-        return PrunePlan(image_keep=tuple(image), text_keep=tuple(text) if prunes_text else None)
+        return PrunePlan(image_keep=tuple(image), text_keep=tuple(text) if prunes_text else None,
+                         step_cache=tuple(cached) if any(cached) else None)
 
     def geometry(self, transformer_config: Any, batch: int) -> Any:
         """The family's geometry of one call under this schedule (``batch`` includes both CFG halves).

@@ -43,6 +43,9 @@ SHAPES: dict[str, tuple[float, ...]] = {"flat": (1.0,), "down": (1.3, 1.0, 0.7),
 TEXT_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 REFRESH_CHOICES = (0, 2, 3, 4, 5, 6, 8)
 REUSE_CHOICES = (0, 2, 3, 4)
+#: Step-caching intervals (families with step caching, e.g. DeepCache on U-Nets): among the pruned steps
+#: every ``c``-th runs full, the others are cached steps (0 = no caching).
+CACHE_CHOICES = (0, 2, 3, 4)
 TEXT_ALIGN = 8
 
 
@@ -54,7 +57,8 @@ class Structure:
     dense (0 = never; RAS-style). ``reuse_every``: among the other steps every ``u``-th reuses the
     previous prediction (0 = never, 1 = all of them: dense/reuse interleaving). ``shape``: keep
     profile of the pruned steps (:data:`SHAPES`). ``text``: fraction of text tokens kept on pruned
-    steps (1.0 = text never pruned).
+    steps (1.0 = text never pruned). ``cache``: step-caching interval among the pruned steps (every
+    ``cache``-th runs full, the others are cached steps; 0 = none; families with step caching only).
     """
 
     warmup: int
@@ -62,10 +66,12 @@ class Structure:
     reuse_every: int = 0
     shape: str = "flat"
     text: float = 1.0
+    cache: int = 0
 
     @property
     def key(self) -> str:
-        return f"w{self.warmup}-r{self.refresh}-u{self.reuse_every}-{self.shape}-t{self.text:g}"
+        base = f"w{self.warmup}-r{self.refresh}-u{self.reuse_every}-{self.shape}-t{self.text:g}"
+        return base + (f"-c{self.cache}" if self.cache else "")
 
 
 @dataclass(frozen=True)
@@ -96,14 +102,18 @@ class SearchResult:
 
 
 def describe(plan: PrunePlan) -> str:
-    """Compact run-length form of a plan: ``D x8 | 256 x20`` (D dense, R reuse, K[/t text])."""
+    """Compact run-length form of a plan: ``D x8 | 256 x20`` (D dense, R reuse, K[/t text], a trailing
+    ``c`` for a cached step: ``256c``, ``Nc``)."""
     parts: list[tuple[str, int]] = []
     for s in range(plan.num_steps):
         k = plan.image_keep[s]
         t = None if plan.text_keep is None else plan.text_keep[s]
-        tok = "D" if k == ALL and (t is None or t == ALL) else "R" if k == 0 else ("N" if k == ALL else str(k))
+        dense = k == ALL and (t is None or t == ALL) and not plan.is_cached(s)
+        tok = "D" if dense else "R" if k == 0 else ("N" if k == ALL else str(k))
         if t not in (None, ALL) and k != 0:
             tok += f"/{t}"
+        if plan.is_cached(s):
+            tok += "c"
         if parts and parts[-1][0] == tok:
             parts[-1] = (tok, parts[-1][1] + 1)
         else:
@@ -113,10 +123,11 @@ def describe(plan: PrunePlan) -> str:
 
 # ---- structure -> plan ---------------------------------------------------------------------------
 def _pattern(st: Structure, steps: int) -> list[str] | None:
-    """Per step 'D' (dense), 'R' (reuse) or 'P' (pruned); None when the structure does not fit."""
+    """Per step 'D' (dense), 'R' (reuse), 'P' (pruned) or 'C' (cached: pruned, only the outer blocks run);
+    None when the structure does not fit."""
     if not 1 <= st.warmup < steps:
         return None
-    kinds, j = [], 0
+    kinds, j, p = [], 0, 0
     for s in range(steps):
         if s < st.warmup or (st.refresh and (s - st.warmup + 1) % st.refresh == 0):
             kinds.append("D")
@@ -124,7 +135,8 @@ def _pattern(st: Structure, steps: int) -> list[str] | None:
         if st.reuse_every == 1 or (st.reuse_every >= 2 and j % st.reuse_every == st.reuse_every - 1):
             kinds.append("R")
         else:
-            kinds.append("P")
+            kinds.append("C" if st.cache >= 2 and p % st.cache else "P")
+            p += 1
         j += 1
     return kinds
 
@@ -139,10 +151,12 @@ def _levels(shape: str, max_pruned: int) -> tuple[float, ...]:
 
 
 def _plan_at(
-    kinds: list[str], rho: float, levels: tuple[float, ...], n: int, align: int, k_txt: int | None
+    kinds: list[str], rho: float, levels: tuple[float, ...], n: int, align: int, k_txt: int | None,
+    floor: int = 1,
 ) -> PrunePlan:
-    pruned = [s for s, k in enumerate(kinds) if k == "P"]
+    pruned = [s for s, k in enumerate(kinds) if k in "PC"]
     image, text = [], []
+    cached = tuple(k == "C" for k in kinds)
     for s, kind in enumerate(kinds):
         if kind == "D":
             image.append(ALL)
@@ -152,12 +166,13 @@ def _plan_at(
             text.append(ALL)
         else:
             seg = min(len(levels) - 1, pruned.index(s) * len(levels) // max(1, len(pruned)))
-            k = align_up(max(1, math.ceil(rho * levels[seg] * n)), align, n)
+            k = align_up(max(floor, math.ceil(rho * levels[seg] * n)), align, n)
             image.append(ALL if k >= n else k)  # K = N with text pruned is a text-only pruned step
             text.append(ALL if k_txt is None else k_txt)
+    step_cache = cached if any(cached) else None
     if k_txt is None:
-        return PrunePlan(tuple(image))
-    return PrunePlan(tuple(image), text_keep=tuple(text))
+        return PrunePlan(tuple(image), step_cache=step_cache)
+    return PrunePlan(tuple(image), text_keep=tuple(text), step_cache=step_cache)
 
 
 def realize(
@@ -174,19 +189,21 @@ def realize(
     """The plan of ``st`` whose MAC fraction is closest to ``budget`` (None if none within ``tol``).
 
     The pruned steps' keep counts are ``ceil(rho * level * N)`` aligned, with one scale ``rho``
-    found by bisection (the MAC fraction grows with rho); text keeps ``text * T`` (aligned to 8).
+    found by bisection (the MAC fraction grows with rho), never below the geometry's ``min_keep``
+    (U-Nets: one base token per 2x2 window); text keeps ``text * T`` (aligned to 8).
     """
     kinds = _pattern(st, steps)
     if kinds is None or max_buckets < 1:
         return None
     n, t = geometry.num_tokens, geometry.text_tokens
+    floor = max(1, int(getattr(geometry, "min_keep", 1)))
     k_txt = None
     if st.text < 1.0:
         k_txt = align_up(max(1, math.ceil(st.text * t)), TEXT_ALIGN, t)
         if k_txt >= t:
             k_txt = None
     levels = _levels(st.shape, max(1, max_buckets - 1))
-    if "P" not in kinds:
+    if "P" not in kinds and "C" not in kinds:
         plan = _plan_at(kinds, 0.0, levels, n, align, None)
         best = [plan]
     else:
@@ -196,14 +213,14 @@ def realize(
         best = []
         for _ in range(20):  # K is discrete (aligned): 20 halvings resolve it
             mid = (lo + hi) / 2
-            plan = _plan_at(kinds, mid, levels, n, align, k_txt)
+            plan = _plan_at(kinds, mid, levels, n, align, k_txt, floor)
             f = mac_fraction(geometry, plan, reuse)
             best.append(plan)
             if f < budget:
                 lo = mid
             else:
                 hi = mid
-        best += [_plan_at(kinds, lo, levels, n, align, k_txt), _plan_at(kinds, hi, levels, n, align, k_txt)]
+        best += [_plan_at(kinds, lo, levels, n, align, k_txt, floor), _plan_at(kinds, hi, levels, n, align, k_txt, floor)]
     scored = sorted(
         {p: abs(mac_fraction(geometry, p, reuse) - budget) for p in best}.items(), key=lambda x: (x[1], x[0].image_keep)
     )
@@ -215,17 +232,19 @@ def realize(
 
 def _bucket_count(plan: PrunePlan) -> int:
     keys = {
-        (plan.image_keep[s], None if plan.text_keep is None else plan.text_keep[s])
+        (plan.image_keep[s], None if plan.text_keep is None else plan.text_keep[s], plan.is_cached(s))
         for s in range(plan.num_steps)
         if plan.image_keep[s] != 0
     }
-    dense = {(ALL, None), (ALL, ALL)}
+    dense = {(ALL, None, False), (ALL, ALL, False)}
     return len(keys - dense) + 1  # the dense bucket is always exported
 
 
 # ---- seeds and moves ------------------------------------------------------------------------------
-def seeds(steps: int, *, allow_reuse: bool = True, prune_text: bool = True) -> list[tuple[str, Structure]]:
-    """The starting structures (named), deduplicated."""
+def seeds(steps: int, *, allow_reuse: bool = True, prune_text: bool = True,
+          step_cache: bool = False) -> list[tuple[str, Structure]]:
+    """The starting structures (named), deduplicated. ``step_cache``: add step-caching seeds (DeepCache
+    every 2nd and 3rd pruned step; families with step caching)."""
     w = lambda n: warmup_steps(n / 28, steps)  # noqa: E731 - a warm-up given for 28 steps, scaled
     out: list[tuple[str, Structure]] = [(f"cat-t0={n}", Structure(w(n))) for n in (4, 6, 8, 10)]
     out += [("ras-refresh=4", Structure(w(4), refresh=4))]
@@ -235,6 +254,8 @@ def seeds(steps: int, *, allow_reuse: bool = True, prune_text: bool = True) -> l
                 ("cat-reuse-3", Structure(w(6), reuse_every=3))]
     if prune_text:
         out += [("cat-text-0.5", Structure(w(8), text=0.5))]
+    if step_cache:
+        out += [("cache-2", Structure(w(4), cache=2)), ("cache-3", Structure(w(4), cache=3))]
     seen, uniq = set(), []
     for name, st in out:
         if st not in seen:
@@ -250,8 +271,9 @@ def _adjacent(values: tuple, current) -> list:
     return [values[j] for j in (i - 1, i + 1) if 0 <= j < len(values)]
 
 
-def neighbours(st: Structure, steps: int, *, allow_reuse: bool, prune_text: bool) -> list[tuple[str, Structure]]:
-    """Structures one knob away from ``st``."""
+def neighbours(st: Structure, steps: int, *, allow_reuse: bool, prune_text: bool,
+               step_cache: bool = False) -> list[tuple[str, Structure]]:
+    """Structures one knob away from ``st`` (``step_cache``: the caching interval is a knob too)."""
     out = [(f"warmup{d:+d}", replace(st, warmup=st.warmup + d)) for d in (-2, -1, 1, 2) if 1 <= st.warmup + d < steps]
     out += [("refresh", replace(st, refresh=r)) for r in _adjacent(REFRESH_CHOICES, st.refresh)]
     if allow_reuse:
@@ -262,6 +284,8 @@ def neighbours(st: Structure, steps: int, *, allow_reuse: bool, prune_text: bool
     out += [("shape", replace(st, shape=s)) for s in SHAPES if s != st.shape]
     if prune_text:
         out += [("text", replace(st, text=t)) for t in _adjacent(TEXT_FRACTIONS, st.text)]
+    if step_cache:
+        out += [("cache", replace(st, cache=c)) for c in _adjacent(CACHE_CHOICES, st.cache)]
     return out
 
 
@@ -278,8 +302,12 @@ def search(
     prune_text: bool = True,
     max_rollouts: int = 16,
     extra_seeds: Iterable[tuple[str, Structure]] = (),
+    step_cache: bool = False,
 ) -> SearchResult:
     """Seeds, then measured best-neighbour moves, within ``max_rollouts`` measurements (module docstring).
+
+    ``step_cache``: the family runs cached steps (:attr:`~tokprune.pruning.family.ModelFamily.step_caching`),
+    so the caching interval is seeded and moved too.
 
     ``measure(plan) -> error`` is called once per distinct plan (structures that realize the same
     plan share a measurement). Deterministic: the same measurements give the same result.
@@ -313,7 +341,7 @@ def search(
                 return cand
         return st
 
-    for name, st in [*seeds(steps, allow_reuse=allow_reuse, prune_text=prune_text), *extra_seeds]:
+    for name, st in [*seeds(steps, allow_reuse=allow_reuse, prune_text=prune_text, step_cache=step_cache), *extra_seeds]:
         evaluate(f"seed:{name}", nearest_feasible(st))
     if not cands:
         raise ConfigError(
@@ -323,7 +351,8 @@ def search(
     best = min(cands, key=lambda c: (c.error, c.mac_fraction))
     while len(measured) < max_rollouts:
         moved = [evaluate(f"move:{knob}", st) for knob, st in
-                 neighbours(best.structure, steps, allow_reuse=allow_reuse, prune_text=prune_text)]
+                 neighbours(best.structure, steps, allow_reuse=allow_reuse, prune_text=prune_text,
+                            step_cache=step_cache)]
         moved = [c for c in moved if c is not None]
         top = min(moved, key=lambda c: (c.error, c.mac_fraction), default=None)
         if top is None or not top.error < best.error * (1 - 1e-6):

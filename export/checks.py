@@ -33,7 +33,8 @@ def precheck(config: Any, out_dir: str | Path | None, force: bool) -> None:
         outdir.check_replaceable(out, force=force)
     if config.schedule_file is None:
         try:
-            make_policy(config.policy)  # unknown name -> ConfigError listing the choices
+            if config.policy is not None:  # None: the model family's default
+                make_policy(config.policy)  # unknown name -> ConfigError listing the choices
         except ConfigError as exc:
             raise ConfigError(f"--policy {config.policy!r}: {exc}") from None
         n = config.num_prompts
@@ -48,9 +49,10 @@ def precheck(config: Any, out_dir: str | Path | None, force: bool) -> None:
 def check_calibration_inputs(config: Any, pipe: Any, settings: dict[str, Any], max_sequence_length: int) -> None:
     """The calibration's own input checks (size the model can take, ...), before any directory is made."""
     from tokprune.calibrate.api import check_inputs
+    from tokprune.export.config import policy_for
 
     check_inputs(pipe, budget=settings["budget"], steps=settings["steps"], height=settings["height"],
-                 width=settings["width"], max_buckets=config.max_buckets, policy=config.policy,
+                 width=settings["width"], max_buckets=config.max_buckets, policy=policy_for(config, pipe),
                  max_sequence_length=max_sequence_length, reuse="noise")
 
 

@@ -43,7 +43,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="calibration prompts, one per line (default: the built-in set)")
     p.add_argument("--num-prompts", type=int, default=4, help="calibration prompts measured as whole runs (default 4)")
     p.add_argument("--max-buckets", type=int, default=4, help="static shapes, the dense one included (default 4)")
-    p.add_argument("--policy", default="cat", help="token selection policy the runtime will use (default cat)")
+    p.add_argument("--policy", default=None,
+                   help="token selection policy the runtime will use (default: the model family's: cat; dynamics "
+                        "for U-Nets)")
     p.add_argument("--no-reuse-steps", action="store_true",
                    help="calibrate token pruning only: never replace a whole step by the previous prediction")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights/activations dtype")

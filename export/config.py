@@ -16,7 +16,7 @@ from tokprune.export.onnx_export import OPSET
 from tokprune.export.spec import EXPORT_BACKENDS, Backend, Precision
 from tokprune.pruning.family import family_for
 
-__all__ = ["DEFAULT_GUIDANCE", "DEFAULT_STEPS", "ExportConfig", "ExportResult", "call_settings", "load_schedule_file", "max_sequence_length", "settle"]
+__all__ = ["DEFAULT_GUIDANCE", "DEFAULT_STEPS", "ExportConfig", "ExportResult", "call_settings", "load_schedule_file", "max_sequence_length", "policy_for", "settle"]
 
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 7.0
@@ -41,7 +41,7 @@ class ExportConfig:
     prompts_file: str | None = None
     num_prompts: int | None = 4  # as calibrate(): 4 measured + 2 held-out prompts
     max_buckets: int = 4
-    policy: str = "cat"
+    policy: str | None = None  # None: the model family's default (cat; dynamics for U-Nets)
     allow_reuse: bool = True  # False: calibration prunes tokens only, never reuses a whole step
     precision: Precision = Precision.FP32
     backend: Backend = Backend.AUTO
@@ -130,6 +130,11 @@ def settle(config: ExportConfig, pipe: Any, schedule: Any) -> dict[str, Any]:
     s = call_settings(config, pipe, schedule)
     budget = schedule.budget if schedule is not None else float(config.budget)
     return {"height": s.height, "width": s.width, "steps": s.steps, "guidance": s.guidance, "budget": budget}
+
+
+def policy_for(config: ExportConfig, pipe: Any) -> str:
+    """The selection policy calibration uses: ``--policy``, else the model family's default."""
+    return config.policy or family_for(pipe).default_policy
 
 
 def max_sequence_length(config: ExportConfig, pipe: Any, schedule: Any = None) -> int | None:

@@ -43,6 +43,7 @@ from tokprune.export.config import (
     ExportResult,
     load_schedule_file,
     max_sequence_length,
+    policy_for,
     settle,
 )
 from tokprune.export.checks import check_calibration_inputs, checkpoint_kwargs, precheck
@@ -214,7 +215,7 @@ def _identity(config: ExportConfig, source: Any, pipe: Any, settings: dict[str, 
         "fingerprint": fingerprint(family_for(pipe).denoiser(pipe)),
         **settings,
         "max_buckets": config.max_buckets,
-        "policy": config.policy,
+        "policy": policy_for(config, pipe),
         "prompts_sha256": prompts_sha,
         "num_prompts": config.num_prompts,
         "allow_reuse": config.allow_reuse,
@@ -348,7 +349,12 @@ def _export_into(
 
 
 def _wants_graph(specs: list[BucketSpec]) -> bool:
-    """The dynamic graph (:mod:`.dynamic`) is exported when two or more buckets could share it."""
+    """The dynamic graph (:mod:`.dynamic`) is exported when two or more buckets could share it (and the
+    family's buckets can: :attr:`~tokprune.pruning.family.ModelFamily.dynamic_graph`)."""
+    from tokprune.pruning.family import get_family
+
+    if not specs or not get_family(specs[0].geometry.family).dynamic_graph:
+        return False
     return sum(not s.record_text for s in specs) >= 2
 
 
@@ -383,7 +389,8 @@ def _schedule_step(work, state, config, source, pipe, settings, schedule_in, *, 
         logger.info("calibrating %s for budget %g (%d steps)", source.name, settings["budget"], settings["steps"])
         schedule = calibrate(
             pipe, budget=settings["budget"], steps=settings["steps"], prompts=prompts, height=settings["height"],
-            width=settings["width"], guidance=settings["guidance"], max_buckets=config.max_buckets, policy=config.policy,
+            width=settings["width"], guidance=settings["guidance"], max_buckets=config.max_buckets,
+            policy=policy_for(config, pipe),
             num_prompts=config.num_prompts, seed=config.seed, max_sequence_length=max_sequence_length(config, pipe),
             allow_reuse=config.allow_reuse,
             model=config.model, progress=progress, **checkpoint_kwargs(calibrate, work / CALIBRATION_DIR),
@@ -410,7 +417,8 @@ def bucket_specs(schedule: Any, transformer_config: Any, precision: Precision | 
     dense_key = schedule.dense_bucket.key
     specs = []
     for b in schedule.buckets:
-        specs.append(BucketSpec(geometry, b.image_keep, b.text_keep, reuse=schedule.reuse, precision=precision))
+        specs.append(BucketSpec(geometry, b.image_keep, b.text_keep, reuse=schedule.reuse, precision=precision,
+                                cached=b.cached))
         if probes and b.key == dense_key:
             specs.append(BucketSpec(geometry, b.image_keep, b.text_keep, reuse=schedule.reuse, precision=precision,
                                     record_text=True))

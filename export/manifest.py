@@ -115,13 +115,14 @@ _BUCKET = {
     "required": ["key", "image_keep", "text_keep", "dense", "reuse", "precision", "steps", "io", "files", "exporter",
                  "lint", "equivalence"],
     "properties": {
-        "key": {"type": "string", "pattern": "^k[0-9]{4,}-t[0-9]{4,}(-probe)?$"},
+        "key": {"type": "string", "pattern": "^k[0-9]{4,}-t[0-9]{4,}(-probe|-cached)?$"},
         "image_keep": {"type": "integer", "minimum": 1},
         "text_keep": {"type": "integer", "minimum": 1},
         "dense": {"type": "boolean"},
         "reuse": {"enum": ["noise", "features"]},
         "precision": {"enum": ["fp32", "fp16", "bf16"]},
         "record_text": {"type": "boolean"},
+        "cached": {"type": "boolean", "description": "a step-caching bucket (U-Nets' DeepCache step; key ends in -cached)"},
         "steps": {"type": "array", "items": {"type": "integer", "minimum": 0}, "description": "denoising steps that run it"},
         "io": {"type": "array", "items": _TENSOR, "minItems": 6},
         "files": {
@@ -214,8 +215,12 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "opset": {"type": "integer", "minimum": 18},
         "geometry": {
             "type": "object",
-            "required": ["batch", "latent_hw", "text_tokens", "patch", "in_channels", "out_channels", "num_layers",
-                         "heads", "head_dim", "joint_attention_dim", "pooled_dim"],
+            "required": ["batch", "latent_hw", "text_tokens", "in_channels", "out_channels"],
+            "description": "the model family's geometry of one call (its to_dict); U-Nets (family sd-unet) have no "
+                           "patch / layer fields, every other family has SD3's",
+            "if": {"required": ["family"], "properties": {"family": {"const": "sd-unet"}}},
+            "then": {"required": ["family", "prune_level", "cache_depth", "deep_channels", "text_dim", "config_json"]},
+            "else": {"required": ["patch", "num_layers", "heads", "head_dim", "joint_attention_dim", "pooled_dim"]},
         },
         "schedule": {
             "type": "object",

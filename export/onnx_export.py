@@ -49,9 +49,11 @@ def call_pruned(
     *,
     reuse: str,
     record_text: bool = False,
+    cached: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The traced body of every exported graph: positional inputs (named by ``inputs``: latent, timestep,
-    the family's conditions, indices, caches) -> the family's pure pruned forward -> positional outputs."""
+    the family's conditions, indices, caches) -> the family's pure pruned forward -> positional outputs.
+    ``cached``: a step-caching bucket (passed on only when set: families with step caching take it)."""
     from tokprune.pruning.family import get_family
 
     family = get_family(geometry.family)
@@ -71,6 +73,7 @@ def call_pruned(
         reuse=reuse,
         inplace=False,
         record_text=record_text,
+        **({"cached": True} if cached else {}),
     )
     results = []
     for t in outputs:
@@ -89,7 +92,7 @@ class PrunedGraphModule(torch.nn.Module):
     :class:`tokprune.export.dynamic.GraphModule`."""
 
     def __init__(self, model: torch.nn.Module, geometry: Any, io: Any, *, reuse: str, precision: Any,
-                 record_text: bool = False, what: str = "the graph") -> None:  # fmt: skip
+                 record_text: bool = False, what: str = "the graph", cached: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.model = model
         self._geometry = geometry
@@ -97,13 +100,14 @@ class PrunedGraphModule(torch.nn.Module):
         self._inputs = io.inputs()
         self._outputs = io.outputs()
         self._reuse, self._precision, self._record_text, self._what = reuse, precision, record_text, what
+        self._cached = cached
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(tensors) != len(self._inputs):
             raise ExportError(f"{self._what} takes {len(self._inputs)} inputs, got {len(tensors)}")
         return call_pruned(
             self.model, self._geometry, self._inputs, self._outputs, tensors, reuse=self._reuse,
-            record_text=self._record_text,
+            record_text=self._record_text, cached=self._cached,
         )
 
     def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -121,7 +125,7 @@ class BucketModule(PrunedGraphModule):
 
     def __init__(self, model: torch.nn.Module, spec: BucketSpec) -> None:
         super().__init__(model, spec.geometry, spec, reuse=spec.reuse, precision=spec.precision,
-                         record_text=spec.record_text, what=f"bucket {spec.key}")  # fmt: skip
+                         record_text=spec.record_text, what=f"bucket {spec.key}", cached=spec.cached)  # fmt: skip
         self.spec = spec
 
 

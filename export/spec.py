@@ -17,12 +17,19 @@ name                          shape                       dtype    present
 ``timestep``                  (B,)                        float32  always (sinusoids are computed in fp32)
 ``img_idx``                   (B, K)                      int64    always (the dense bucket: a permutation of 0..N-1)
 ``txt_idx``                   (B, K_txt)                  int64    text pruned (K_txt < T)
-``prev_noise``                (B, C_out, H, W)            float    K < N and reuse = "noise"
+``prev_noise``                (B, C_out, H, W)            float    K < N and reuse = "noise" (not U-Nets)
 ``cache.<name>``              ``geometry.cache_specs``    float    K < N (name e.g. ``blocks.0.k``)
 ``noise`` (output)            (B, C_out, H, W)            float    always
 ``fresh.<name>`` (output)     ``geometry.fresh_specs(K)`` float    always (the dense bucket fills the caches)
 ``text_mass`` (output)        (B, T)                      float32  ``record_text``: the dense *probe* variant
 ============================  ==========================  =======  ======================================
+
+Which caches a bucket reads and writes is the family's
+(:meth:`~tokprune.pruning.family.ModelFamily.bucket_caches`); the table above is the default (SD3,
+PixArt). U-Nets (``sd-unet``) have no ``prev_noise`` (DaTo restores pruned tokens within the step);
+a full step reads no cache and writes ``fresh.deep``, the whole DeepCache feature (copied into the run's
+cache, never scattered by ``img_idx``); a *cached* step (key suffix ``-cached``, ``cached=True``) reads
+``cache.deep`` and writes nothing.
 
 When a schedule prunes text, the dense bucket is exported twice, sharing ``weights.bin``: the
 plain dense bucket (``k1024-t0109``), which every dense step runs, and its probe variant
@@ -64,6 +71,7 @@ __all__ = [
     "INPUT",
     "OUTPUT",
     "PROBE_SUFFIX",
+    "CACHED_SUFFIX",
     "EXPORT_BACKENDS",
     "RUNTIME_BACKENDS",
     "Backend",
@@ -78,6 +86,7 @@ INPUT, OUTPUT = "input", "output"
 CACHE_PREFIX = "cache."  # input name of a cache = CACHE_PREFIX + Geometry.cache_specs key
 FRESH_PREFIX = "fresh."  # output name of its fresh rows = FRESH_PREFIX + the same key
 PROBE_SUFFIX = "-probe"  # key of the dense bucket's text-importance probe variant = dense key + PROBE_SUFFIX
+CACHED_SUFFIX = "-cached"  # key of a step-caching bucket (U-Nets' DeepCache steps) = its K/K_txt key + CACHED_SUFFIX
 
 
 class Precision(str, enum.Enum):
@@ -197,19 +206,24 @@ class TensorSpec:
         return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"], d["role"], d.get("cache"))
 
 
-def condition_specs(geometry: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The conditioning inputs of a bucket besides ``latent`` / ``timestep``, from the geometry's family."""
+def _family(geometry: Any) -> Any:
     from tokprune.pruning.family import get_family
 
-    return get_family(geometry.family).condition_specs(geometry)
+    return get_family(geometry.family)
 
 
-def bucket_key(image_keep: int, text_keep: int, *, probe: bool = False) -> str:
+def condition_specs(geometry: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The conditioning inputs of a bucket besides ``latent`` / ``timestep``, from the geometry's family."""
+    return _family(geometry).condition_specs(geometry)
+
+
+def bucket_key(image_keep: int, text_keep: int, *, probe: bool = False, cached: bool = False) -> str:
     """File-name key of a bucket, identical to :attr:`tokprune.calibrate.schedule.Bucket.key`.
 
-    ``probe=True``: the key of the dense bucket's ``text_mass`` variant (``k1024-t0109-probe``).
+    ``probe=True``: the key of the dense bucket's ``text_mass`` variant (``k1024-t0109-probe``);
+    ``cached=True``: a step-caching bucket (``k0512-t0077-cached``).
     """
-    return f"k{image_keep:04d}-t{text_keep:04d}" + (PROBE_SUFFIX if probe else "")
+    return f"k{image_keep:04d}-t{text_keep:04d}" + (PROBE_SUFFIX if probe else "") + (CACHED_SUFFIX if cached else "")
 
 
 @dataclass(frozen=True)
@@ -225,6 +239,8 @@ class BucketSpec:
         precision: :class:`Precision` of weights and float I/O.
         record_text: also output ``text_mass``: the dense bucket's probe variant, run only at the
             steps that measure text importance before text pruning (its key ends in ``-probe``).
+        cached: a step-caching step (families with ``step_caching``: U-Nets' DeepCache, only the outer
+            blocks run on the cached deep feature); its key ends in ``-cached``.
     """
 
     geometry: Geometry
@@ -233,6 +249,7 @@ class BucketSpec:
     reuse: str = "noise"
     precision: Precision = Precision.FP32
     record_text: bool = False
+    cached: bool = False
 
     def __post_init__(self) -> None:
         g = self.geometry
@@ -247,12 +264,14 @@ class BucketSpec:
             raise ConfigError(f"reuse = {self.reuse!r}; expected one of {REUSE_MODES}")
         if self.record_text and not (self.dense and not self.prunes_text):
             raise ConfigError("record_text is only meaningful on the dense, full-text bucket")
+        if self.cached and not _family(g).step_caching:
+            raise ConfigError(f"a cached bucket needs a model family with step caching; {g.family} has none")
 
     # ---- views ------------------------------------------------------------------------
     @property
     def dense(self) -> bool:
-        """K == N: no caches and no previous prediction are read."""
-        return self.image_keep == self.geometry.num_tokens
+        """K == N on a full step: no caches and no previous prediction are read."""
+        return self.image_keep == self.geometry.num_tokens and not self.cached
 
     @property
     def prunes_text(self) -> bool:
@@ -261,7 +280,7 @@ class BucketSpec:
     @property
     def key(self) -> str:
         """Stable short name of the bucket (``k0128-t0333``, the probe variant ``k1024-t0333-probe``); names its files."""
-        return bucket_key(self.image_keep, self.text_keep, probe=self.record_text)
+        return bucket_key(self.image_keep, self.text_keep, probe=self.record_text, cached=self.cached)
 
     # ---- the I/O table -------------------------------------------------------------------
     def io(self) -> list[TensorSpec]:
@@ -278,13 +297,15 @@ class BucketSpec:
         ]
         if self.prunes_text:
             specs.append(TensorSpec("txt_idx", (b, self.text_keep), "int64", INPUT))
-        if not self.dense:
-            if self.reuse == "noise":
-                specs.append(TensorSpec("prev_noise", (b, g.out_channels, h, w), f, INPUT))
-            for name, shape in g.cache_specs(self.reuse).items():
-                specs.append(TensorSpec(CACHE_PREFIX + name, tuple(shape), f, INPUT, cache=name))
+        family = _family(g)
+        # unselected rows reuse the previous prediction, unless the family recomputes every token (U-Nets)
+        if not self.dense and self.reuse == "noise" and not family.outputs_all_tokens:
+            specs.append(TensorSpec("prev_noise", (b, g.out_channels, h, w), f, INPUT))
+        reads, writes = family.bucket_caches(g, keep=self.image_keep, reuse=self.reuse, cached=self.cached)
+        for name, shape in reads.items():
+            specs.append(TensorSpec(CACHE_PREFIX + name, tuple(shape), f, INPUT, cache=name))
         specs.append(TensorSpec("noise", (b, g.out_channels, h, w), f, OUTPUT))
-        for name, shape in g.fresh_specs(self.image_keep, self.reuse).items():
+        for name, shape in writes.items():
             specs.append(TensorSpec(FRESH_PREFIX + name, tuple(shape), f, OUTPUT, cache=name))
         if self.record_text:
             specs.append(TensorSpec("text_mass", (b, g.text_tokens), "float32", OUTPUT))
@@ -359,8 +380,8 @@ class BucketSpec:
 
     # ---- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The bucket's identity (not the geometry, which the manifest stores once)."""
-        return {
+        """The bucket's identity (not the geometry, which the manifest stores once); ``cached`` only when set."""
+        d = {
             "key": self.key,
             "image_keep": self.image_keep,
             "text_keep": self.text_keep,
@@ -369,6 +390,9 @@ class BucketSpec:
             "precision": self.precision.value,
             "record_text": self.record_text,
         }
+        if self.cached:
+            d["cached"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], geometry: Geometry) -> BucketSpec:
@@ -379,6 +403,7 @@ class BucketSpec:
             reuse=d.get("reuse", "noise"),
             precision=Precision.parse(d.get("precision", "fp32")),
             record_text=bool(d.get("record_text", False)),
+            cached=bool(d.get("cached", False)),
         )
 
 

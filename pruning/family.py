@@ -157,6 +157,16 @@ class ModelFamily(abc.ABC):
     outputs_all_tokens: bool = False
     #: Text-length knob bounds (``max_sequence_length``), None when the family has none.
     max_sequence_bounds: tuple[int, int] | None = None
+    #: The pruned forward runs step-caching steps (``cached=True`` where :attr:`PrunePlan.step_cache` says;
+    #: U-Nets: DeepCache). Calibration then searches a caching interval and export makes ``-cached`` buckets.
+    step_caching: bool = False
+    #: How a bucket's ``fresh.<name>`` output updates the run's cache: ``"rows"`` (the K fresh rows are
+    #: scattered by ``img_idx``: per-block K/V caches) or ``"whole"`` (the output replaces the whole cache:
+    #: U-Nets' DeepCache feature).
+    cache_update: str = "rows"
+    #: Buckets may share one graph with a dynamic keep axis (``export/dynamic.py``); False: one static
+    #: graph per bucket only (its I/O differs per step kind, e.g. cached steps).
+    dynamic_graph: bool = True
 
     # ---- resolution and loading ----------------------------------------------------------
     def builtins(self) -> Mapping[str, tuple[Callable[[], Any], str]]:
@@ -311,6 +321,11 @@ class ModelFamily(abc.ABC):
         Raises :class:`~tokprune.errors.ConfigError` for arguments the pruned forward does not support.
         """
 
+    def engine_attributes(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Attributes the family's pipelines read on their denoiser besides ``config``, ``dtype`` and ``device``,
+        which the runtime's drop-in (``tokprune.runtime.EngineTransformer``) must carry too. None by default."""
+        return {}
+
     def wrap_output(self, noise: torch.Tensor, return_dict: bool) -> Any:
         """What the denoiser returns for a noise prediction (diffusers' output dataclass or a tuple)."""
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -326,6 +341,16 @@ class ModelFamily(abc.ABC):
         """The conditions of a denoiser call as the pipeline passes them (:meth:`parse_call`'s names).
         Equal to :meth:`condition_specs` unless the family has a per-run :meth:`prompt_stage`."""
         return self.condition_specs(geometry)
+
+    def bucket_caches(self, geometry: Any, *, keep: int, reuse: str, cached: bool = False,
+                      ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:  # fmt: skip
+        """(caches a bucket reads, fresh tensors it writes), by ``geometry.cache_specs`` name.
+
+        Default (per-block K/V caches, CAT): a pruned bucket (K < N) reads every cache; every bucket writes
+        its K fresh rows (:attr:`cache_update` ``"rows"``). Families with step caching override it.
+        """
+        reads = {} if keep >= geometry.num_tokens else dict(geometry.cache_specs(reuse))
+        return reads, dict(geometry.fresh_specs(keep, reuse))
 
     def prompt_stage(self, model: torch.nn.Module, geometry: Any) -> torch.nn.Module | None:
         """A module computing, once per run, the bucket conditions from the call's (``input_names()`` ->

@@ -132,15 +132,19 @@ def text_mass_macs(geometry: Geometry, keep: int | None = None, keep_text: int |
 
 
 def step_macs(
-    geometry: Any, keep: int, keep_text: int | None = None, reuse: str = "noise", *, probe: bool = False
+    geometry: Any, keep: int, keep_text: int | None = None, reuse: str = "noise", *, probe: bool = False,
+    cached: bool = False,
 ) -> int:
     """MACs of one pruned call keeping ``keep`` image and ``keep_text`` text tokens, for any model
     family: the geometry counts (``geometry.step_macs``; SD3's is :func:`sd3_step_macs`).
 
     ``keep``: ALL (-1) or N = dense, 0 = reuse step (no call, 0 MACs). ``keep_text``: None or
-    ALL = all T. ``probe``: the call also measures text importance (``record_text=True``). Batch
-    (both CFG halves) included.
+    ALL = all T. ``probe``: the call also measures text importance (``record_text=True``).
+    ``cached``: a step-caching step (:attr:`PrunePlan.step_cache`; only families with step caching
+    count it, so it is passed on only when set). Batch (both CFG halves) included.
     """
+    if cached:
+        return geometry.step_macs(keep, keep_text, reuse, probe=probe, cached=True)
     return geometry.step_macs(keep, keep_text, reuse, probe=probe)
 
 
@@ -174,12 +178,13 @@ def sd3_diffusers_dense_macs(geometry: Geometry) -> int:
 
 
 def plan_macs(geometry: Any, plan: PrunePlan, reuse: str = "noise") -> int:
-    """Total MACs of a sampling run following ``plan``: reuse steps cost 0, probe steps add the probe."""
+    """Total MACs of a sampling run following ``plan``: reuse steps cost 0, probe steps add the probe,
+    cached steps (:attr:`PrunePlan.step_cache`) count what the family's cached step runs."""
     probes = set(plan.probe_steps())
     return sum(
         step_macs(
             geometry, plan.image_k(s, geometry.num_tokens), plan.text_k(s, geometry.text_tokens), reuse,
-            probe=s in probes,
+            probe=s in probes, cached=plan.is_cached(s),
         )
         for s in range(plan.num_steps)
     )

@@ -72,13 +72,15 @@ def load_components(manifest: Any, *, device: torch.device, dtype: torch.dtype, 
     source = resolve_model(ref)
     if source.kind == "builtin" or with_transformer:
         return load_pipeline(ref, dtype=dtype, device=device)
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import DiffusionPipeline
 
     from tokprune.models import dtype_kwarg
+    from tokprune.pruning.family import get_family
 
+    attr = get_family(manifest.geometry.family).denoiser_attr  # transformer, or unet for U-Nets
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(
-            source.ref, transformer=None, local_files_only=True, **dtype_kwarg(dtype)
+        pipe = DiffusionPipeline.from_pretrained(
+            source.ref, **{attr: None}, local_files_only=True, **dtype_kwarg(dtype)
         )
     except Exception as exc:
         raise ModelNotFoundError(

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from tokprune.export.runners.base import Runner
 from tokprune.export.spec import RUNTIME_BACKENDS, Backend, BucketSpec, bucket_key
+from tokprune.pruning.family import get_family
 from tokprune.pruning.forward import StepOutput, scatter_rows
 from tokprune.pruning.plan import PrunePlan
 from tokprune.pruning.sampler import RunState, StepInputs, TokenPruner, scheduler_steps
@@ -116,7 +117,7 @@ class EngineExecutor:
         keep = inputs.img_idx.shape[1]
         keep_text = g.text_tokens if inputs.txt_idx is None else inputs.txt_idx.shape[1]
         want_mass = inputs.record_text
-        key = bucket_key(keep, keep_text, probe=want_mass)
+        key = bucket_key(keep, keep_text, probe=want_mass, cached=inputs.cached)
         runner = eng.runners.get(key)
         if runner is None and want_mass:
             raise ManifestError(
@@ -142,12 +143,11 @@ class EngineExecutor:
                 feed[name] = x.to(dt) if x.is_floating_point() else x
         if spec.prunes_text:
             feed["txt_idx"] = inputs.txt_idx.to(torch.int64)
-        if not spec.dense:
-            if spec.reuse == "noise":
-                feed["prev_noise"] = st.prev_noise.to(dt)
-            for t in spec.inputs():
-                if t.cache is not None:
-                    feed[t.name] = st.caches[t.cache]
+        if "prev_noise" in takes:
+            feed["prev_noise"] = st.prev_noise.to(dt)
+        for t in spec.inputs():  # the caches this bucket reads (the family's bucket_caches)
+            if t.cache is not None:
+                feed[t.name] = st.caches[t.cache]
         eb, b = spec.geometry.batch, g.batch
         noises, masses = [], []
         for c in range(b // eb):
@@ -201,11 +201,12 @@ class EngineExecutor:
             mass = out["text_mass"].clone() if alias else out["text_mass"]
         if self.write_caches and st.caches:
             idx = inputs.img_idx[part]
+            whole = get_family(st.geometry.family).cache_update == "whole"  # U-Nets: it replaces the cache
             for t in spec.outputs():
                 if t.cache is None:
                     continue
                 dst = st.caches[t.cache][part]
-                if spec.dense:  # the dense step's img_idx is arange(N): rows are in token order
+                if spec.dense or whole:  # the dense step's img_idx is arange(N): rows are in token order
                     dst.copy_(out[t.name])
                 else:
                     scatter_rows(dst, idx, out[t.name], inplace=True)
@@ -252,6 +253,8 @@ class EngineTransformer(torch.nn.Module):
         self._guard = threading.Lock()
         self._owner: threading.Thread | None = None
         self._in_flight = False
+        for name, value in self._pruner.family.engine_attributes(self.config).items():
+            object.__setattr__(self, name, value)  # what the family's pipelines read on the denoiser (SDXL)
 
     # ---- what the pipeline reads ------------------------------------------------------------
     @property
@@ -334,9 +337,9 @@ class EngineTransformer(torch.nn.Module):
         """The exported denoiser's forward, with its own signature (the model family parses it)."""
         if self._engines.closed:
             raise BackendUnavailableError("this runtime was closed; load it again with tokprune.runtime.load(...)")
-        geometry, _ = self._pruner.family.parse_call(self.config, args, kwargs)
+        geometry, call = self._pruner.family.parse_call(self.config, args, kwargs)
         self._check_call(geometry)
-        starts = self._enter()
+        starts = self._enter(call.timestep)
         try:
             out = self._pruner(*args, **kwargs)
         except BaseException:
@@ -377,7 +380,7 @@ class EngineTransformer(torch.nn.Module):
                 + f". Or build engines for it: {_rebuild_for(eng.manifest, call)}"
             )
 
-    def _enter(self) -> bool:
+    def _enter(self, timestep: torch.Tensor | None = None) -> bool:
         """Claim this view for the calling thread; returns whether this call starts a new run."""
         me = threading.current_thread()
         with self._guard:
@@ -388,20 +391,22 @@ class EngineTransformer(torch.nn.Module):
                     f"share its caches. Give each pipeline its own view: tokprune.runtime.attach(pipe, runtime) "
                     f"(shares the engines), or runtime.share()"
                 )
-            starts = self._starts_run()
+            starts = self._starts_run(timestep)
             if starts:
                 self._check_steps()
                 self._pruner.reset()
             self._owner, self._in_flight = me, True
             return starts
 
-    def _starts_run(self) -> bool:
+    def _starts_run(self, timestep: torch.Tensor | None = None) -> bool:
         st = self._pruner.state
         sched = self._pruner.scheduler
-        if sched is not None:
-            idx = getattr(sched, "step_index", None)
+        if sched is not None and hasattr(sched, "step_index"):
+            idx = sched.step_index
             return idx is None or int(idx) == 0
-        return st is None or st.step >= self.plan.num_steps
+        # no scheduler, or one without a step index (DDIM, PNDM: SD1.5's): count calls as the step loop does,
+        # a call at the scheduler's first timestep starts a new run
+        return st is None or st.step >= self.plan.num_steps or self._pruner._restarted(timestep)
 
     def _check_steps(self) -> None:
         n = scheduler_steps(self._pruner.scheduler)
@@ -560,8 +565,14 @@ def attach(
     the export's architecture fingerprint. Idempotent; :func:`detach` restores the original.
     Returns the view now in ``pipe.transformer``.
     """
-    if not (hasattr(pipe, "transformer") and hasattr(pipe, "scheduler")):
-        raise ConfigError(f"attach expects a StableDiffusion3Pipeline, got {type(pipe).__name__}")
+    from tokprune.pruning.family import all_families
+
+    attrs = sorted({f.denoiser_attr for f in all_families().values()})
+    if not (any(hasattr(pipe, a) for a in attrs) and hasattr(pipe, "scheduler")):
+        raise ConfigError(
+            f"attach expects a diffusers pipeline with a scheduler and a denoiser ({' or '.join(attrs)}: "
+            f"StableDiffusion3Pipeline, PixArtSigmaPipeline, StableDiffusion(XL)Pipeline), got {type(pipe).__name__}"
+        )
     detach(pipe)
     if isinstance(engines, EngineTransformer):
         view = engines

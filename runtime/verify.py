@@ -176,7 +176,10 @@ def load_reference_transformer(manifest: Any, device: torch.device, dtype: torch
     ref = manifest.data["model"]["ref"]
     source = resolve_model(ref)
     if source.kind == "builtin":
-        model = load_pipeline(ref).transformer
+        from tokprune.pruning.family import family_for
+
+        pipe = load_pipeline(ref)
+        model = family_for(pipe).denoiser(pipe)  # pipe.transformer, or pipe.unet for U-Nets
     else:
         from diffusers import SD3Transformer2DModel
 

@@ -5,8 +5,9 @@ forward: inputs ``latent``, ``timestep`` (float32), the family's conditions, ``i
 ``txt_idx`` (text-pruned buckets), ``cache.deep`` (cached buckets); outputs ``noise`` and, for full
 steps, ``fresh.deep`` (the whole DeepCache feature: copied into the run's cache, never scattered).
 
-This is the family-side half of export; the generic ``tokprune-export`` flow does not drive U-Net
-buckets yet (``families/unet/README.md`` lists what it needs). Used by ``results/unet/bench_ort.py``.
+A family-side exporter kept for ``results/unet/bench_ort.py``; the user flow is the generic one
+(``tokprune-export --model sd15-tiny --budget 0.5``: ``tokprune.export`` with ``-cached`` buckets, then
+``tokprune.runtime``), which this module does not take part in.
 
 Example::
 

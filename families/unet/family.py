@@ -36,7 +36,18 @@ class UNetFamily(ModelFamily):
         return {name: (fn, DESCRIPTIONS[name]) for name, fn in BUILTINS.items()}
 
     default_policy = "dynamics"  # DaTo: dynamics scores, one base token per 2x2 window always kept
-    outputs_all_tokens = True  # pruned tokens are restored within the step from their most similar kept token
+    outputs_all_tokens = True  # pruned tokens are restored within the step: no prev_noise input in buckets
+    step_caching = True  # DeepCache steps (PrunePlan.step_cache): '-cached' buckets, a calibration knob
+    cache_update = "whole"  # a full step's fresh.deep replaces the whole deep feature (copy, not a row scatter)
+    dynamic_graph = False  # full and cached buckets have different I/O: one static graph per bucket
+
+    def bucket_caches(self, geometry: UNetGeometry, *, keep: int, reuse: str, cached: bool = False,
+                      ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:  # fmt: skip
+        """A cached step reads the deep feature and writes nothing; a full step (any K) reads nothing and
+        writes the whole deep feature."""
+        if cached:
+            return dict(geometry.cache_specs(reuse)), {}
+        return {}, dict(geometry.fresh_specs(keep, reuse))
 
     def bind_pipeline(self, pipe: Any, pruner: Any) -> None:
         """Hand each call's CLIP BOS/EOS mask to ``pruner`` (the generic wrapper, the U-Net's mask)."""
@@ -74,6 +85,15 @@ class UNetFamily(ModelFamily):
             conditions["text_embeds"] = call["text_embeds"]
             conditions["time_ids"] = call["time_ids"]
         return g, DenoiserCall(s, call["timestep"], conditions, bool(call["return_dict"]))
+
+    def engine_attributes(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """SDXL's pipeline checks its time ids against ``unet.add_embedding.linear_1.in_features``."""
+        from types import SimpleNamespace
+
+        if config.get("addition_embed_type") != "text_time":
+            return {}
+        width = int(config["projection_class_embeddings_input_dim"])
+        return {"add_embedding": SimpleNamespace(linear_1=SimpleNamespace(in_features=width))}
 
     def wrap_output(self, noise: torch.Tensor, return_dict: bool) -> Any:
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput

@@ -4,8 +4,9 @@ Structure: ``warmup`` dense full steps, then every step keeps K tokens of the pr
 ``cache_interval``-th step after the warm-up is a full step (the others are DeepCache steps; interval 1
 = no caching). K is the largest multiple of ``align`` (>= ``geometry.min_keep``, one base token per 2x2
 window) whose plan spends at most ``budget`` of a dense run; the MAC fraction grows with K, so it is
-found by bisection. Calibration's measured search (``tokprune.calibrate``) does not drive U-Nets yet;
-this is the stand-in the benchmarks use.
+found by bisection. Not measured: the benchmarks' fixed structure. ``tokprune.calibrate`` measures
+U-Net schedules (DaTo keep counts, DeepCache interval, text pruning, whole-step reuse) as for every family;
+``baseline_schedule(pipe, "cache", ...)`` is this structure's generic counterpart.
 
 Example::
 
