@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The GPU scenario's command: ``python3 results/gpu/scenario_gpu_ready.py --out $OUT`` (``--dry-run`` on a CPU).
+"""The GPU scenario's command: ``python3 results/gpu/scenario_gpu_ready.py --out $OUT`` (``--dry-run`` on a CPU;
+``--model pixart-sigma-xl`` for PixArt-Σ-XL, SD3-medium by default).
 
 The scenario itself is :mod:`tokprune.bench.scenarios.gpu_ready`; this file only makes it runnable from
 a checkout that is not installed (a GPU host that got the working tree): the repository's top-level
