@@ -113,3 +113,19 @@ def test_unpacked_model_loads_as_pixart_shapes_and_samples_at_128(trained, monke
     a = pipe("a small red circle in the center", generator=torch.Generator().manual_seed(3), output_type="np", **kw).images
     b = pipe("a small red circle in the center", generator=torch.Generator().manual_seed(3), output_type="np", **kw).images
     assert a.shape == (1, 128, 128, 3) and (a == b).all()
+
+
+def test_quality_comparison_runs_on_pixart_shapes(trained, monkeypatch, tmp_path):
+    """``tokprune-quality --model pixart-shapes`` end to end (smoke weights: plumbing only, no accuracy)."""
+    from tokprune.yardstick.quality import main
+
+    out, _, _ = trained
+    monkeypatch.setattr(yardstick, "PIXART_SHAPES_DIR", unpack(out / "pack", tmp_path / "pixart-shapes"))
+    rc = main(["--model", "pixart-shapes", "--n", "1", "--chunk", "1", "--budgets", "0.5", "--methods", "cat",
+               "--caches", "none", "--noise-n", "0", "--calib-prompts", "1", "--steps", "4", "--threads", "1",
+               "--out", str(tmp_path / "q"), "--quiet"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert doc["settings"]["call"] == {"steps": 4, "guidance": 3.0, "height": 128, "width": 128, "max_sequence_length": 32}
+    rows = {r["row"]: r for r in doc["aggregate"]["rows"]}
+    assert "cat@0.5" in rows and abs(rows["cat@0.5"]["mac_fraction"] - 0.5) < 0.02
