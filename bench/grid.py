@@ -278,7 +278,7 @@ def _bucket_check(arm: Arm, table: tuple[dict, dict], dense: Arm | None, dense_t
 
     def macs(key: str) -> int:
         spec = specs[key]
-        return step_macs(g, spec.image_keep, spec.text_keep, reuse, probe=spec.record_text)
+        return step_macs(g, spec.image_keep, spec.text_keep, reuse, probe=spec.record_text, cached=spec.cached)
 
     dense_key = next(k for k, s in specs.items() if s.dense and not s.prunes_text and not s.record_text)
     by_bucket, calls = table
@@ -298,7 +298,7 @@ def _bucket_check(arm: Arm, table: tuple[dict, dict], dense: Arm | None, dense_t
         b = specs[key]
         ratio = macs(key) / ref_macs
         entry: dict[str, Any] = {"backend": arm.backend, "bucket": key, "image_keep": b.image_keep,
-                                 "text_keep": b.text_keep, "text_mass": bool(b.record_text),
+                                 "text_keep": b.text_keep, "text_mass": bool(b.record_text), "cached": bool(b.cached),
                                  "mac_ratio": ratio, "steps": arm.step_keys.count(key), "reference": ref_label}
         for what, mine in (("step", by_bucket), ("call", calls)):
             measured = median(mine.get(key, []))

@@ -53,7 +53,7 @@ def check_inputs(
     height: int | None,
     width: int | None,
     max_buckets: int,
-    policy: str,
+    policy: str | None,
     max_sequence_length: int | None,
     reuse: str,
 ) -> tuple[int, int, Geometry]:
@@ -72,7 +72,8 @@ def check_inputs(
         raise ConfigError(f"--max-buckets {max_buckets!r}; expected an int >= 1 (the dense bucket takes one)")
     if reuse not in REUSE_MODES:
         raise ConfigError(f"reuse={reuse!r}; expected one of {REUSE_MODES}")
-    make_policy(policy)  # unknown name -> ConfigError listing the choices
+    if policy is not None:  # None: the model family's default
+        make_policy(policy)  # unknown name -> ConfigError listing the choices
     if budget < 1.0 / steps - TOLERANCE:
         raise ConfigError(
             f"--budget {budget:g} is below what {steps} steps can reach: step 0 always runs dense, i.e. at least "

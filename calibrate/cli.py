@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration prompts measured, evenly spread over the set (default: 4; 0 = all)"
     )
     tinker.add_argument(
-        "--policy", default="cat", help="token selection policy: cat, dynamics or random (default: cat)"
+        "--policy", default=None,
+        help="token selection policy: cat, dynamics or random (default: the model family's: cat; dynamics for U-Nets)"
     )
     tinker.add_argument("--seed", type=int, default=0, help="seed of the latents and the policy (default: 0)")
     tinker.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call (default: 4)")
