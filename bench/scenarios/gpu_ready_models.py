@@ -63,14 +63,14 @@ def make_loop(sc: LoopScenario) -> Loop:
 
 
 class EventTimed(Loop):
-    """``timed`` with CUDA events on a GPU (median of ``repeats`` loops after ``warmup``); the harness's clock elsewhere."""
+    """``timed`` with CUDA events on a GPU (median of ``repeats`` loops after ``warmup``), and the peak memory of one
+    more loop above the model's weights (the run's caches included); the harness's clock and memory elsewhere."""
 
     def timed(self, fn: Callable[[], Any]) -> tuple[float, int]:
         if self.device.type != "cuda":
             return super().timed(fn)
+        import gc
         import statistics
-
-        from tokprune.bench.harness import PeakMemory
 
         for _ in range(self.sc.warmup):
             fn()
@@ -83,11 +83,12 @@ class EventTimed(Loop):
             end.record()
             end.synchronize()
             secs.append(start.elapsed_time(end) / 1e3)
-        mem = PeakMemory(self.device)
-        mem.start()
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats(self.device)
         fn()
         self.sync()
-        return statistics.median(secs), mem.stop()
+        weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        return statistics.median(secs), max(0, torch.cuda.max_memory_allocated(self.device) - weights)
 
 
 class SD3Loop(EventTimed):

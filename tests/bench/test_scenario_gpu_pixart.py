@@ -124,3 +124,36 @@ def test_sd3_dry_run_is_unchanged_by_the_model_flag(tmp_path, capsys):
     assert data["scenario"]["arch"] == "tiny" and data["geometry"]["family"] == "sd3"
     assert data["checks"]["keep_all_vs_diffusers_rel_error"] <= 1e-3
 
+
+
+def test_cuda_timing_is_event_time_and_memory_above_the_weights(monkeypatch):
+    """The GPU branch of ``timed`` (run here with stand-ins for torch.cuda): median of the repeats' event times
+    after the warm-up, peak of one more loop minus the weights."""
+    loop = make_loop(scenario_for("pixart-sigma-xl", dry_run=True, repeats=3, warmup=2))
+    loop.device = torch.device("cuda")
+    clock, calls, peak = {"ms": 0.0}, [], {"now": 0}
+    durations = iter([5.0, 5.0, 30.0, 10.0, 20.0, 7.0])  # 2 warm-up, 3 timed, 1 memory loop
+
+    class Event:
+        def __init__(self, enable_timing: bool) -> None:
+            self.t = None
+
+        def record(self) -> None:
+            self.t = clock["ms"]
+
+        def synchronize(self) -> None:
+            pass
+
+        def elapsed_time(self, other: "Event") -> float:
+            return other.t - self.t
+
+    def fn():
+        clock["ms"] += next(durations)
+        calls.append(clock["ms"])
+        peak["now"] = 3 * 2**30 if len(calls) == 6 else 10 * 2**30  # only the memory loop after the reset counts
+    weights = sum(t.numel() * t.element_size() for t in (*loop.model.parameters(), *loop.model.buffers()))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peak.update(now=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak["now"])
+    secs, mem = loop.timed(fn)
+    assert len(calls) == 6 and secs == pytest.approx(0.020) and mem == 3 * 2**30 - weights
