@@ -87,14 +87,16 @@ def _same_input(loop: Loop, specs: Sequence[Any], runners: dict[str, Any]) -> di
 
 
 def run_scenario(sc: LoopScenario, out: Path, *, command: str = "", time_budget: float | None = None,
-                 started: float | None = None) -> dict[str, Any]:
+                 started: float | None = None, export_attention: bool = False) -> dict[str, Any]:
     """Every mode of ``sc``; rewrites ``out/gpu_ready.json`` and ``.md`` after each, logs to ``.log``; returns the result.
 
     ``time_budget``: seconds since ``started`` (default: now) after which the remaining modes are not started
-    (each is recorded as not measured); the files are written either way.
+    (each is recorded as not measured); the files are written either way. PyTorch bucket runners use torch's
+    SDPA (:func:`~tokprune.bench.scenarios.gpu_ready_models.sdpa_runner`); ``export_attention``: the export's
+    fp32-softmax attention instead (:class:`~tokprune.export.runners.TorchRunner` as the export checks it).
     """
     from tokprune.bench.report import loop_markdown
-    from tokprune.bench.scenarios.gpu_ready_models import make_loop, unsupported
+    from tokprune.bench.scenarios.gpu_ready_models import make_loop, sdpa_runner, unsupported
     from tokprune.export.runners import TorchRunner
     from tokprune.pruning.plan import PrunePlan
 
@@ -118,8 +120,9 @@ def run_scenario(sc: LoopScenario, out: Path, *, command: str = "", time_budget:
                      "dim": g.dim, "weights_gib": round(sum(p.numel() * p.element_size() for p in loop.model.parameters()) / 2**30, 3)},
         "schedules": [{"budget": s["budget"], "buckets_k": s["keeps"], "mac_fraction": round(s["fraction"], 4)}
                       for s in schedules],
-        "time_budget_s": time_budget,
+        "time_budget_s": time_budget, "bucket_attention": "export fp32-softmax" if export_attention else "torch sdpa",
     }
+    runner_class = TorchRunner if export_attention else sdpa_runner()
     for mode in sorted(unsupported(sc.arch)):
         result["errors"][mode] = f"not measured: not built for {sc.arch}"
     note(f"built {sc.arch} on {device} ({result['geometry']['weights_gib']} GiB weights); schedules {result['schedules']}")
@@ -160,7 +163,7 @@ def run_scenario(sc: LoopScenario, out: Path, *, command: str = "", time_budget:
             save()
 
     def runners_for(specs: Sequence[Any], **kw: Any) -> dict[str, Any]:
-        return {s.key: TorchRunner(loop.model, s, device=device, **kw).activate() for s in specs}
+        return {s.key: runner_class(loop.model, s, device=device, **kw).activate() for s in specs}
 
     def row(name: str, frac: float, fn: Callable[[], tuple[float, int]]) -> None:
         secs, peak = guard(name, fn) or (None, None)
@@ -258,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, help="measured loops per mode (default 3; dry run 1)")
     ap.add_argument("--fbc", help="first-block cache thresholds tried (default 0.05,0.1,0.2,0.4,0.8)")
     ap.add_argument("--skip", default="", help=f"comma list of modes to skip: {','.join(LOOP_MODES)}")
+    ap.add_argument("--export-attention", action="store_true",
+                    help="bucket runners use the export's fp32-softmax attention (default: torch's SDPA, as diffusers)")
     ap.add_argument("--time-budget", type=float, metavar="S",
                     help="seconds since the start after which remaining modes are not started (files are still written)")
     return add_common(ap)
@@ -279,7 +284,7 @@ def _run(a: argparse.Namespace, started: float) -> int:
     if a.fbc:
         changes["fbc_thresholds"] = tuple(float(t) for t in a.fbc.split(","))
     result = run_scenario(scenario_for(a.model, dry_run=a.dry_run, **changes), a.out, command=" ".join(sys.argv),
-                          time_budget=a.time_budget, started=started)
+                          time_budget=a.time_budget, started=started, export_attention=a.export_attention)
     print(loop_markdown(result))
     return 0
 

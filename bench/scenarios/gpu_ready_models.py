@@ -33,7 +33,8 @@ from tokprune.bench.loop import DTYPES, Loop, PooledPruner
 from tokprune.bench.scenario import LoopScenario
 from tokprune.errors import ConfigError
 
-__all__ = ["MODELS", "EventTimed", "PixArtLoop", "SD3Loop", "TorchPromptStage", "make_loop", "scenario_for", "unsupported"]
+__all__ = ["MODELS", "EventTimed", "PixArtLoop", "SD3Loop", "TorchPromptStage", "make_loop", "scenario_for", "sdpa_runner",
+           "unsupported"]
 
 #: ``--model`` -> (architecture, the dry run's architecture)
 MODELS: dict[str, tuple[str, str]] = {"sd3-medium": ("sd3-medium", "tiny"), "pixart-sigma-xl": ("pixart-sigma-xl", "pixart-tiny")}
@@ -60,6 +61,20 @@ def scenario_for(model: str, *, dry_run: bool = False, **changes: Any) -> LoopSc
 def make_loop(sc: LoopScenario) -> Loop:
     """The harness of ``sc.arch``: :class:`PixArtLoop` for PixArt architectures, else :class:`SD3Loop`."""
     return PixArtLoop(sc) if sc.arch in _PIXART_ARCHS else SD3Loop(sc)
+
+
+def sdpa_runner() -> type:
+    """:class:`~tokprune.export.runners.TorchRunner` without the export's precision patches: the bucket's attention
+    is torch's ``scaled_dot_product_attention`` (flash / memory-efficient kernels, as diffusers' dense forward and
+    the eager sampler use), not the fp32-softmax attention the ONNX export traces in bf16/fp16, which materialises
+    every (K x N) score matrix in fp32 and would time a different attention than the dense baseline's."""
+    from tokprune.export.runners import TorchRunner
+
+    class SdpaTorchRunner(TorchRunner):
+        def _call(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            with torch.inference_mode():
+                return self._fn(*tensors)
+    return SdpaTorchRunner
 
 
 class EventTimed(Loop):

@@ -157,3 +157,19 @@ def test_cuda_timing_is_event_time_and_memory_above_the_weights(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak["now"])
     secs, mem = loop.timed(fn)
     assert len(calls) == 6 and secs == pytest.approx(0.020) and mem == 3 * 2**30 - weights
+
+
+@pytest.mark.parametrize("export_attention", [False, True])
+def test_bucket_attention_is_torch_sdpa_unless_asked(tmp_path, monkeypatch, export_attention):
+    """bf16 bucket runners time torch's SDPA, as diffusers' dense baseline, by default; ``--export-attention`` the
+    export's fp32-softmax attention (which materialises every score matrix)."""
+    import tokprune.export.onnx_export as onnx_export
+
+    calls = []
+    real = onnx_export._sdpa_fp32_softmax
+    monkeypatch.setattr(onnx_export, "_sdpa_fp32_softmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sc = scenario_for("pixart-sigma-xl", dry_run=True, dtype="bf16", tolerance=5e-2, skip=frozenset({"compiled"}))
+    result = run_scenario(sc, tmp_path, export_attention=export_attention)
+    assert result["checks"]["keep_all_vs_diffusers_rel_error"] <= 5e-2 and result["rows"][1]["loop_ms"] > 0
+    assert bool(calls) is export_attention
+    assert result["bucket_attention"] == ("export fp32-softmax" if export_attention else "torch sdpa")
