@@ -81,16 +81,33 @@ def scatter_rows(dst: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, *, in
     """Write ``rows`` at token positions ``idx`` of ``dst``.
 
     dst (B, N, D) with rows (B, K, D), or dst (B, H, N, hd) with rows (B, H, K, hd); idx (B, K).
-    ``inplace=False`` returns a new tensor (ScatterElements in ONNX) and leaves ``dst`` untouched.
+    ``inplace=False`` returns a new tensor and leaves ``dst`` untouched.
+
+    Whole rows of the last dimension move, addressed by one flat row number each (``index_put``:
+    ScatterND in ONNX), not one index per element (``scatter``: ScatterElements, whose ONNX Runtime CPU
+    kernel is 5x slower here and single-threaded: at 2 threads the per-block K/V cache writes were
+    8 % of a K = 288 PixArt bucket, ``results/pixart/README.md``).
     """
-    if dst.dim() == 3:
-        index = idx.unsqueeze(-1).expand(-1, -1, dst.shape[-1])
-        dim = 1
-    else:
-        index = idx[:, None, :, None].expand(-1, dst.shape[1], -1, dst.shape[-1])
-        dim = 2
     rows = rows.to(dst.dtype)
-    return dst.scatter_(dim, index, rows) if inplace else dst.scatter(dim, index, rows)
+    if inplace and not dst.is_contiguous():  # a view cannot be flattened in place: per-element scatter
+        if dst.dim() == 3:
+            return dst.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, dst.shape[-1]), rows)
+        return dst.scatter_(2, idx[:, None, :, None].expand(-1, dst.shape[1], -1, dst.shape[-1]), rows)
+    width = dst.shape[-1]
+    flat, src = _flat_rows(dst, idx), rows.reshape(-1, width)
+    if inplace:
+        dst.view(-1, width).index_put_((flat,), src)
+        return dst
+    return dst.reshape(-1, width).index_put((flat,), src).view(dst.shape)
+
+
+def _flat_rows(dst: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B*K,) or (B*H*K,) row numbers of ``idx``'s tokens in ``dst`` seen as (rows, last dim)."""
+    if dst.dim() == 3:
+        b, n = dst.shape[:2]
+        return (torch.arange(b, device=idx.device)[:, None] * n + idx).reshape(-1)
+    b, h, n = dst.shape[:3]
+    return (torch.arange(b * h, device=idx.device).view(b, h, 1) * n + idx[:, None, :]).reshape(-1)
 
 
 def check_step(n: int, keep: int, *, caches: Any, prev_noise: Any, reuse: str) -> bool:

@@ -169,6 +169,27 @@ def test_text_pruning_keep_all_is_exact_and_subset_changes_output():
     assert (fewer.noise - ref).abs().max().item() > 1e-4
 
 
+@pytest.mark.parametrize("shape", [(2, 10, 6), (2, 3, 10, 4)], ids=["tokens", "heads"])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_scatter_rows_writes_whole_rows_at_idx(shape, contiguous):
+    """scatter_rows (flat row index_put) equals torch's per-element scatter, pure and in place, on views too."""
+    gen = torch.Generator().manual_seed(0)
+    dst = torch.randn(*shape, generator=gen)
+    if not contiguous:  # a transposed view: the in-place write must land in the view's storage
+        dst = dst.transpose(-1, -2).contiguous().transpose(-1, -2)
+    idx = torch.stack([torch.randperm(10, generator=gen)[:4] for _ in range(2)])
+    rows = torch.randn(*shape[:-2], 4, shape[-1], generator=gen)
+    axis = dst.dim() - 2
+    index = idx.view(2, *([1] * (dst.dim() - 3)), 4, 1).expand_as(rows)
+    expect = dst.scatter(axis, index, rows)
+    before = dst.clone()
+    assert torch.equal(scatter_rows(dst, idx, rows, inplace=False), expect)
+    assert torch.equal(dst, before)  # pure: untouched
+    out = scatter_rows(dst, idx, rows, inplace=True)
+    assert out is dst and torch.equal(dst, expect)
+    assert not torch.equal(expect, before)
+
+
 def test_patchify_roundtrip():
     x = torch.randn(2, 4, 12, 20)
     assert torch.equal(unpatchify(patchify(x, 2), (6, 10), 2, 4), x)
