@@ -71,8 +71,11 @@ class RunStore:
     def append(self, record: dict[str, Any]) -> None:
         """Append one record atomically (single write on O_APPEND, then fsync)."""
         data = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # an interrupted write left a partial line: end it,
+                data = b"\n" + data  # or this record would be glued onto it and lost too
             os.write(fd, data)
             os.fsync(fd)
         finally:
