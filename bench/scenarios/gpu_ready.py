@@ -191,7 +191,9 @@ def run_scenario(sc: LoopScenario, out: Path, *, command: str = "", time_budget:
             guard("correctness", checks)
             row("eager dense (diffusers)", 1.0, lambda: loop.timed(ref))
             _pruned_rows(loop, schedules, skip, result, row, runners_for, "pruned eager", {})
-            if "compiled" not in skip:
+            if "compiled" in skip:
+                result["errors"]["compiled dense"] = "not measured: --skip"
+            else:
                 compiled = torch.compile(loop.model, dynamic=False)
 
                 def compiled_dense() -> tuple[float, int]:
