@@ -13,7 +13,7 @@ from tokprune.bench.scenarios import gpu_ready
 from tokprune.bench.scenarios.gpu_ready import main, run_scenario
 from tokprune.bench.scenarios.gpu_ready_models import EventTimed, PixArtLoop, make_loop, scenario_for
 
-ROWS = ["eager dense (diffusers)", "pruned eager, CAT b=0.5", "compiled dense", "pruned compiled, CAT b=0.5"]
+ROWS = ["eager dense (diffusers)", "pruned eager, CAT b=0.5", "pruned compiled, CAT b=0.5", "compiled dense"]
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_dry_run_measures_every_row(tmp_path, eager_compile):
 
     result = run_scenario(scenario_for("pixart-sigma-xl", dry_run=True, skip=frozenset()), tmp_path)
     assert [r["mode"] for r in result["rows"]] == ROWS and all(r["loop_ms"] > 0 for r in result["rows"])
-    assert eager_compile == ["PixArtTransformer2DModel", "BucketModule", "BucketModule"]  # dense model, then each bucket
+    assert eager_compile == ["BucketModule", "BucketModule", "PixArtTransformer2DModel"]  # each bucket, then dense
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_ready.json", "gpu_ready.log", "gpu_ready.md"]
     assert json.loads((tmp_path / "gpu_ready.json").read_text())["rows"] == result["rows"]
     assert "| pruned compiled, CAT b=0.5 | 0.513 |" in (tmp_path / "gpu_ready.md").read_text()
@@ -83,12 +83,12 @@ def test_time_budget_skips_the_rest_and_writes_the_files(tmp_path, monkeypatch, 
         return real(self, fn)
     monkeypatch.setattr(EventTimed, "timed", slow)
     result = run_scenario(scenario_for("pixart-sigma-xl", dry_run=True, skip=frozenset()), tmp_path, time_budget=150)
-    assert [r["mode"] for r in result["rows"]] == ROWS[:2]  # pruned eager starts at 100 s, compiled dense at 400 s
+    assert [r["mode"] for r in result["rows"]] == ROWS[:2]  # pruned eager starts at 100 s, pruned compiled at 400 s
     for mode in ROWS[2:]:
         assert result["errors"][mode] == "not measured: --time-budget 150 s spent (400 s elapsed)"
     assert eager_compile == ["PixArtTransformer2DModel"]  # wrapped lazily, never run
     assert json.loads((tmp_path / "gpu_ready.json").read_text())["errors"] == result["errors"]
-    assert "compiled dense: skipped" in (tmp_path / "gpu_ready.log").read_text()
+    assert "pruned compiled, CAT b=0.5: skipped" in (tmp_path / "gpu_ready.log").read_text()
 
 
 def test_the_command_prints_the_tables_last_and_refuses_bad_flags(tmp_path, capsys):
