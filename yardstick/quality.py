@@ -238,8 +238,14 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     # Phase by phase (driver.phases: dense + noise + CAT@0.3, then budget 0.5, 0.4, 0.6, 0.75, 0.3, then caches);
     # a report after each, so a run cut off by a time limit leaves one (rows with fewer captions say their n).
-    driver.run(args.n, args.chunk,
-               after_phase=lambda _ph: write_report(args.out, store, settings, command, time.perf_counter() - t_start))
+    def after_phase(ph: Any) -> None:
+        try:
+            write_report(args.out, store, settings, command, time.perf_counter() - t_start)
+        except Exception as e:  # noqa: BLE001 - a report is never worth the run: the records stay, --report-only rebuilds
+            logger.warning("the report after phase %r failed (%s); the records are kept: rebuild it with --report-only",
+                           ph.name, e)
+
+    driver.run(args.n, args.chunk, after_phase=after_phase)
     sys.stdout.write(write_report(args.out, store, settings, command, time.perf_counter() - t_start))
     return 0
 

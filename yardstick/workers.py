@@ -107,8 +107,12 @@ class MetricPool:
     def close(self, *, cancel: bool = False) -> None:
         """Drain (or, with ``cancel``, record only what has finished and drop the rest), then stop the workers."""
         try:
-            if cancel:
-                self.reap()
+            if cancel:  # interrupted: keep what finished cleanly (workers may have been signalled too)
+                for key, (fut, rec, run_s) in list(self._pending.items()):
+                    if fut.done() and not fut.cancelled() and fut.exception() is None:
+                        del self._pending[key]
+                        out, metric_s = fut.result()
+                        self._finish(rec, out, run_s + metric_s)
                 if self._pending:
                     logger.warning("%d (row, chunk) metrics still in flight are dropped (a rerun measures them again)",
                                    len(self._pending))
