@@ -12,7 +12,6 @@ computes), as the runtime does; diffusers' dense forward recomputes them at ever
 
 Example::
 
-    from tokprune.bench.scenario import LoopScenario
     from tokprune.bench.scenarios.gpu_ready_models import make_loop, scenario_for
     loop = make_loop(scenario_for("pixart-sigma-xl", dry_run=True))
     seconds, peak = loop.timed(loop.diffusers(loop.model))
