@@ -70,7 +70,8 @@ class TrainConfig:
             eval_n=pick(self.eval_n, 128, 16, 4),
             eval_steps=2 if smoke else self.eval_steps,
             guidances=(3.0,) if smoke else tuple(self.guidances),
-            reserve_s=pick(self.reserve_s, 45.0, 120.0, 20.0),
+            # pixart: 4 evaluations of its DPM-Solver sampling + saving, with room for a GPU shared with another job
+            reserve_s=pick(self.reserve_s, 60.0 if self.arch == "pixart" else 45.0, 120.0, 20.0),
             amp=cuda if self.amp is None else self.amp,
             compile=cuda and not smoke if self.compile is None else self.compile,
             workers=pick(self.workers, min(6, max(1, (os.cpu_count() or 2) - 2)), 0, 0),
