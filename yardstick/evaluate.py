@@ -1,7 +1,7 @@
 """Task metric for the yardstick: generate held-out captions, read the images back, score.
 
-``evaluate`` works on any ``StableDiffusion3Pipeline`` that generates 128x128 shapes scenes
-(the dense model, or the same pipeline with tokprune's pruning applied), so pruned and dense
+``evaluate`` works on any pipeline that generates 128x128 shapes scenes (the SD3 ``shapes`` or the
+PixArt ``pixart-shapes``; the dense model, or the same pipeline with tokprune's pruning applied), so pruned and dense
 runs are compared on the same captions and seeds (CPU generators: same noise on any device).
 
 Example::
@@ -35,8 +35,10 @@ logger = logging.getLogger(__name__)
 
 
 def default_max_sequence_length(pipe) -> int:
-    """The T5 length the yardstick was trained with (its T5 tokenizer's ``model_max_length``)."""
-    length = getattr(getattr(pipe, "tokenizer_3", None), "model_max_length", 256)
+    """The T5 length the yardstick was trained with (its T5 tokenizer's ``model_max_length``: SD3's
+    ``tokenizer_3``, PixArt's ``tokenizer``)."""
+    t5 = getattr(pipe, "tokenizer_3", None) or getattr(pipe, "tokenizer", None)
+    length = getattr(t5, "model_max_length", 256)
     return int(length) if length <= 512 else 256
 
 
@@ -136,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from tokprune.yardstick.model import load_pipeline
+    from tokprune.yardstick.model import load_meta, load_pipeline
 
+    if load_meta(args.model).config.get("arch") == "pixart":  # trained with --arch pixart
+        from tokprune.yardstick.pixart_model import load_pipeline
     pipe, meta = load_pipeline(args.model, device=args.device)
     result = evaluate(
         pipe,

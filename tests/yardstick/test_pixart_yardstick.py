@@ -129,3 +129,14 @@ def test_quality_comparison_runs_on_pixart_shapes(trained, monkeypatch, tmp_path
     assert doc["settings"]["call"] == {"steps": 4, "guidance": 3.0, "height": 128, "width": 128, "max_sequence_length": 32}
     rows = {r["row"]: r for r in doc["aggregate"]["rows"]}
     assert "cat@0.5" in rows and abs(rows["cat@0.5"]["mac_fraction"] - 0.5) < 0.02
+
+
+def test_evaluate_cli_reads_a_pixart_directory(trained, capsys):
+    from tokprune.yardstick.evaluate import default_max_sequence_length, main
+
+    out, _, _ = trained
+    assert main(["--model", str(out / "run" / "model"), "--n", "1", "--steps", "2", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 1 and result["max_sequence_length"] == 32
+    pipe = build_pipeline(PIXART_PRESETS["smoke"])
+    assert default_max_sequence_length(pipe) == 32  # PixArt's T5 is `tokenizer`, not `tokenizer_3`
