@@ -138,11 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from tokprune.yardstick.model import load_meta, load_pipeline
+    from tokprune.yardstick import model, pixart_model
 
-    if load_meta(args.model).config.get("arch") == "pixart":  # trained with --arch pixart
-        from tokprune.yardstick.pixart_model import load_pipeline
-    pipe, meta = load_pipeline(args.model, device=args.device)
+    pixart = model.load_meta(args.model).config.get("arch") == "pixart"  # trained with --arch pixart
+    pipe, meta = (pixart_model if pixart else model).load_pipeline(args.model, device=args.device)
     result = evaluate(
         pipe,
         n=args.n,

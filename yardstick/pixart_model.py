@@ -38,7 +38,6 @@ from typing import Any
 import torch
 
 from tokprune.errors import ConfigError, ModelNotFoundError
-from tokprune.yardstick.dataset import IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
