@@ -127,8 +127,9 @@ def _versions(device: str = "cpu") -> dict[str, Any]:
     return {**versions("diffusers", "numpy"), "threads": torch.get_num_threads(), "device": device_name(device)}
 
 
-def _device(text: str) -> str:
-    """``--device`` checked before the model loads: cpu, or a CUDA device this machine has."""
+def _device(text: str, *, present: bool = True) -> str:
+    """``--device`` checked before the model loads: cpu, or a CUDA device this machine has (``present=False``:
+    any CUDA device, for ``--report-only`` of GPU records on a machine without one)."""
     import torch
 
     try:
@@ -137,12 +138,22 @@ def _device(text: str) -> str:
         raise ConfigError(f"--device {text!r}: {e}; expected cpu or cuda[:index]") from e
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (dev.index or 0) >= count:
+        if present and (dev.index or 0) >= count:
             raise ConfigError(f"--device {text!r}: this machine has {count} CUDA device(s); pass --device cpu "
                               "(or run on a machine with a GPU)")
     elif dev.type != "cpu":
         raise ConfigError(f"--device {text!r}; expected cpu or cuda[:index]")
     return str(dev)
+
+
+def _recorded_versions(records: list[dict[str, Any]], device: str) -> dict[str, Any]:
+    """The versions and device of the last run that measured (a ``versions`` record), else this machine's."""
+    import torch
+
+    rec = next((r for r in reversed(records) if r.get("kind") == "versions"), None)
+    if rec is not None:
+        return {k: v for k, v in rec.items() if k != "kind"}
+    return _versions(device if device == "cpu" or torch.cuda.is_available() else "cpu")
 
 
 def _metric_workers(requested: int | None, device: str) -> int:
@@ -163,7 +174,7 @@ def write_report(out: Path, store: Any, settings: dict[str, Any], command: str, 
     agg = report.aggregate(records, settings["n"])
     doc = {
         "settings": settings,
-        "versions": _versions(settings.get("device", "cpu")),
+        "versions": _recorded_versions(records, settings.get("device", "cpu")),
         "command": command,
         "wall_time_s": round(wall, 1),
         "work_seconds": round(sum(r.get("seconds", 0.0) for r in records), 1),
@@ -193,10 +204,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.n < 1 or args.chunk < 1 or args.calib_prompts < 1 or args.noise_n < 0:
         raise ConfigError(f"--n {args.n} / --chunk {args.chunk} / --calib-prompts {args.calib_prompts} / --noise-n "
                           f"{args.noise_n}; expected >= 1 (noise-n >= 0)")
-    device = _device(args.device)
+    device = _device(args.device, present=not args.report_only)
     workers = _metric_workers(args.metric_workers, device)
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model, device=device)
+    pipe = load_pipeline(args.model, device="cpu" if args.report_only else device)  # report: settings only
     resolved = family_for(pipe).settings(pipe, steps=args.steps, max_sequence_length=args.max_sequence_length)
     call = Call(
         steps=resolved.steps, guidance=resolved.guidance, height=resolved.height, width=resolved.width,
@@ -236,6 +247,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.estimate:
         sys.stdout.write(driver.estimate_text())
         return 0
+    store.append({"kind": "versions", **_versions(device)})  # the report names the machine that measured
     # Phase by phase (driver.phases: dense + noise + CAT@0.3, then budget 0.5, 0.4, 0.6, 0.75, 0.3, then caches);
     # a report after each, so a run cut off by a time limit leaves one (rows with fewer captions say their n).
     def after_phase(ph: Any) -> None:

@@ -120,3 +120,27 @@ def test_paired_differences_of_a_cut_off_row_use_the_captions_both_have():
     text = report.findings(agg)
     assert any(f.startswith("Incomplete run: 1 row(s)") and "cat@0.5 (n=8)" in f for f in text)
     assert any(f.startswith("Budget 0.5: calibrated PSNR: best or tied (better than 1") for f in text)
+
+
+def test_report_only_rebuilds_gpu_records_on_a_machine_without_one(tmp_path):
+    from tokprune.yardstick.store import RunStore, fingerprint
+
+    a = tmp_path / "a"
+    assert quality.main([*TINY, "--out", str(a), "--report-only"]) == 0  # writes this run's settings record
+    settings = {**_records(a / ".work" / "records.jsonl")[0]["settings"], "device": "cuda"}
+    b = tmp_path / "b"
+    store = RunStore(b / ".work", {k: v for k, v in settings.items() if k != "n"})
+    assert _records(store.path)[0]["fingerprint"] == fingerprint({k: v for k, v in settings.items() if k != "n"})
+    store.append({"kind": "versions", "python": "3.12", "torch": "2.11.0+cu130", "diffusers": "0.42.1", "numpy": "2",
+                  "tokprune": "x", "threads": 2, "device": "NVIDIA H100 80GB HBM3"})
+    for row, method, budget in (("dense-rerun", "dense-rerun", None), ("cat@0.3", "cat", 0.3)):
+        store.append({"kind": "chunk", "row": row, "method": method, "budget": budget, "start": 0, "stop": 2,
+                      "psnr": [99.0, 98.0] if budget is None else [30.0, 31.0], "iou": None, "ssim": [1.0, 0.99],
+                      "acc": None, "latent_err": [0.0, 0.1], "seconds": 1.0})
+    if not torch.cuda.is_available():  # without --report-only the same flags are refused here
+        assert quality.main([*TINY, "--device", "cuda", "--n", "2", "--out", str(b)]) == 2
+    assert quality.main([*TINY, "--device", "cuda", "--n", "2", "--out", str(b), "--report-only"]) == 0
+    doc = json.loads((b / "quality.json").read_text())
+    assert doc["versions"]["device"] == "NVIDIA H100 80GB HBM3" and doc["settings"]["device"] == "cuda"
+    assert {r["row"]: r["n"] for r in doc["aggregate"]["rows"]} == {"dense-rerun": 2, "cat@0.3": 2}
+    assert "NVIDIA H100 80GB HBM3" in (b / "quality.md").read_text()
