@@ -19,6 +19,12 @@ Example::
     tokprune-quality --n 2 --budgets 0.3,0.5 --methods calibrated,cat --caches fbc:threshold=0.1 --out /tmp/q
     tokprune-quality --n 64 --estimate                                  # projected wall time only
     tokprune-quality --n 64 --report-only                               # rebuild quality.md/json/png from records
+    tokprune-quality --device cuda --n 64 --chunk 16 --noise-n 16 --out /tmp/q64   # on a GPU (minutes)
+
+Work order: dense references, the noise row and CAT@0.3 first, then every plan row at 0.5, 0.4, 0.6,
+0.75, the rest of 0.3, then the diffusers caches (:func:`tokprune.yardstick.driver.phases`), with the
+report rewritten after each phase; a run stopped at any point leaves records that ``--report-only``
+turns into a valid partial report (each row says its n).
 """
 
 from __future__ import annotations
