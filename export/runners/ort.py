@@ -87,9 +87,11 @@ class OnnxRuntimeRunner(Runner):
     Args:
         path: the bucket's ``.onnx`` file (external weights next to it).
         threads: intra-op threads (None: ORT's default, one per physical core).
-        spin: let idle intra-op threads spin-wait between runs. Off by default: between engine calls the
-            runtime's selection and cache updates run in torch on the same cores, and spinning ORT threads
-            would compete with them.
+        spin: let idle intra-op threads spin-wait for work while a run is in flight (lower latency per
+            parallel op at 2+ threads); they stop spinning when the run returns
+            (``session.force_spinning_stop``), so the runtime's selection and cache updates in torch between
+            engine calls keep the cores. Off by default: on a shared, busy machine a spinning thread takes a
+            core another process needs.
         session_options: extra ``SessionOptions`` attributes, e.g. ``{"enable_mem_pattern": False}``.
         graph / shared: run the export's single dynamic-K graph (:class:`~tokprune.export.dynamic.GraphSpec`)
             at this bucket's shapes, in one :class:`SharedOrtSession` for all buckets (weights loaded once).
@@ -146,6 +148,8 @@ class OnnxRuntimeRunner(Runner):
         if self.threads is not None:
             options.intra_op_num_threads = int(self.threads)
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
+        if self.spin:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         for key, value in self.session_options.items():
             setattr(options, key, value)
         if self.cuda:

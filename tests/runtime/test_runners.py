@@ -254,3 +254,26 @@ def test_tensorrt_refused_without_tensorrt_or_gpu(manifest):
     with pytest.raises(BackendUnavailableError):
         runner.activate()
     assert not runner.is_active and not engines.is_active
+
+
+@pytest.mark.parametrize("spin", [False, True])
+def test_onnxruntime_threads_spin_only_while_a_run_is_in_flight(manifest, pruned_spec, monkeypatch, spin):
+    """spin=True lets intra-op threads spin for work during a run and stops them when it returns
+    (session.force_spinning_stop), so torch work between engine calls keeps the cores; spin=False never spins."""
+    import onnxruntime as ort
+
+    seen = []
+    real = ort.InferenceSession
+
+    def capture(path, sess_options=None, **kw):
+        seen.append(sess_options)
+        return real(path, sess_options=sess_options, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", capture)
+    with OnnxRuntimeRunner(manifest.onnx_path(pruned_spec.key), pruned_spec, threads=2, spin=spin) as runner:
+        runner.infer(pruned_spec.sample_inputs(0))
+    options = seen[-1]
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+    if spin:
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
