@@ -6,10 +6,16 @@ least at the budget (:mod:`tokprune.calibrate.search`), validates the pick on he
 freezes it into static-shape buckets. Measurements are checkpointed (``checkpoint_dir``): an
 interrupted calibration resumes where it stopped.
 
-Cost model (what one calibration runs), in transformer calls of P prompts (2P rows with CFG):
-one dense run (``steps`` calls), plus each measured candidate's steps after its longest prefix
-already run (a dense warm-up is paid once), plus the held-out check (a dense and a pruned run of
-the held-out prompts). ``Schedule.stats["cost"]`` records the executed calls.
+Cost model (what one calibration runs), counted in dense prompt-steps (one prompt through one dense
+transformer step, both CFG halves; a pruned step counts its MAC fraction, a reused step nothing):
+one dense run of the P calibration prompts (``steps * P``), plus each measured candidate's steps
+after its longest prefix already run (a dense warm-up is paid once), plus the held-out check (a
+dense and a pruned run of the held-out prompts). It is machine-independent and exact
+(:meth:`Rollouts.planned_units`): the progress bar's total is the work done plus this round's plans
+counted exactly, plus the measurements later rounds may still make at this round's mean cost, plus
+the held-out check; it is re-set before every round, so it ends at the work actually done.
+``Schedule.stats["cost"]`` records the measured runs; the log line ``calibration cost`` the calls,
+the prompt-steps and the first forecast.
 
 Example::
 
@@ -193,13 +199,15 @@ def calibrate(
                        max_sequence_length=max_sequence_length, seed=seed, reuse=reuse, policy=policy,
                        batch_size=batch_size)
         t0 = time.perf_counter()
-        with meter.progress(progress, estimate=_estimate_units(steps, budget, max_rollouts, len(calib), len(held))):
+        with meter.progress(progress):
             result = search(
                 lambda p: meter.error("calib", calib, p), geometry, steps, budget, align=align,
                 max_buckets=max_buckets, reuse=reuse, allow_reuse=allow_reuse, prune_text=prune_text,
                 max_rollouts=max_rollouts, step_cache=family.step_caching,
+                on_round=lambda plans, further, best: meter.forecast(calib, held, plans, further, best),
             )
             plan = result.best.plan
+            meter.forecast(calib, held, [], 0, plan)
             holdout = meter.validate(held, plan) if held else None
         stats["search"] = result.to_stats()
         stats["predicted_error"] = result.best.error
@@ -215,8 +223,9 @@ def calibrate(
         stats["cost"] = {"measured_runs": result.rollouts, "holdout_runs": 1 if held else 0,
                          "prompts_per_call": min(batch_size, len(calib))}
         logger.info(
-            "calibration cost: %d transformer calls (%.1f dense prompt-steps) in %.1f s; %d measured runs reused "
-            "from the checkpoint", meter.calls, meter.units, time.perf_counter() - t0, store.reused,
+            "calibration cost: %d transformer calls (%.1f dense prompt-steps; forecast at the start %.1f) in %.1f s; "
+            "%d measured runs reused from the checkpoint", meter.calls, meter.units,
+            meter.forecasts[0] if meter.forecasts else 0.0, time.perf_counter() - t0, store.reused,
         )
         if store.reused:
             logger.info("calibration resumed: %d measured runs reused from %s", store.reused, checkpoint_dir)
@@ -227,12 +236,6 @@ def calibrate(
                    guidance=guidance, budget=budget, policy=policy, reuse=reuse, align=align)
 
 
-def _estimate_units(steps: int, budget: float, rollouts: int, calib: int, held: int) -> float:
-    """Expected transformer work in dense prompt-steps (the progress bar's total)."""
-    per_rollout = steps * budget * 0.75  # a candidate re-runs most of its budget after the shared warm-up
-    return calib * (steps + rollouts * per_rollout) + held * (steps + steps * budget)
-
-
 class _Meter:
     """Measures plans on prompt sets through :class:`~tokprune.calibrate.rollout.Rollouts` (chunks of
     ``batch_size`` prompts), behind the checkpoint store; counts the work done."""
@@ -241,13 +244,15 @@ class _Meter:
         self.pipe, self.store, self.batch_size, self.policy, self.settings = pipe, store, batch_size, policy, settings
         self._rollouts: dict[tuple[str, int], Any] = {}
         self.calls, self.units = 0, 0.0
+        self.forecasts: list[float] = []  # every total forecast() set, in dense prompt-steps
         self._bar = None
 
     @contextlib.contextmanager
-    def progress(self, enabled: bool, *, estimate: float):
+    def progress(self, enabled: bool):
+        """The progress bar, in dense prompt-steps; :meth:`forecast` sets and re-sets its total."""
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=round(estimate, 1), desc="calibrating", unit="step", disable=not enabled,
+        self._bar = tqdm(total=1, desc="calibrating", unit="step", disable=not enabled,
                          bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} prompt-steps [{elapsed}<{remaining}]")
         try:
             yield
@@ -256,6 +261,41 @@ class _Meter:
             self._bar.refresh()
             self._bar.close()
             self._bar = None
+
+    def planned(self, group: str, prompts: Sequence[str], plans: Sequence[PrunePlan]) -> float:
+        """Dense prompt-steps that measuring ``plans`` (in order) on ``prompts`` would run now: the
+        unmeasured ones through :meth:`Rollouts.planned_units`, measured ones (checkpoint) free."""
+        new = [p for p in plans if not self.store.has(group, p, self.policy)]
+        if not new:
+            return 0.0
+        return sum(ro.planned_units(new) * len(ro.prompts) for ro in self._chunks(group, prompts))
+
+    def forecast(self, calib: Sequence[str], held: Sequence[str], plans: Sequence[PrunePlan], further: int,
+                 best: PrunePlan | None) -> float:
+        """Re-set the bar's total to the work done plus what is left, and return that total.
+
+        What is left: this round's ``plans`` (exact, :meth:`planned`), ``further`` more measurements at
+        this round's mean cost per plan (the search may stop earlier; then the next forecast drops
+        them), and the held-out check of ``best`` (this round's first plan before any is measured).
+        """
+        done = self.units
+        now = self.planned("calib", calib, plans)
+        new = [p for p in plans if not self.store.has("calib", p, self.policy)]
+        base = sum(ro.planned_units([]) * len(ro.prompts) for ro in self._chunks("calib", calib)) if new else 0.0
+        mean = (now - base) / len(new) if new else 0.0  # per plan, the dense run (if still to run) aside
+        pick = best if best is not None else (plans[0] if plans else None)
+        check = 0.0
+        if held and pick is not None:  # validate(): the errors, then a re-run of the pick to decode it
+            runs = [pick] * sum(not self.store.has(g, pick, self.policy) for g in ("holdout", "holdout-psnr"))
+            check = sum(ro.planned_units(runs) * len(ro.prompts) for ro in self._chunks("holdout", held)) if runs else 0.0
+        total = done + now + max(0, further) * mean + check
+        self.forecasts.append(total)
+        if self._bar is not None:
+            self._bar.total = max(total, self._bar.n, 1)
+            self._bar.refresh()
+        logger.debug("calibration forecast: %.1f done + %.1f this round + %d x %.1f later + %.1f held-out = %.1f "
+                     "dense prompt-steps", done, now, max(0, further), mean, check, total)
+        return total
 
     def _chunks(self, group: str, prompts: Sequence[str]) -> list[Any]:
         from tokprune.calibrate.rollout import Rollouts

@@ -67,6 +67,10 @@ class RolloutStore:
         if self.loaded:
             logger.info("calibration checkpoint %s: %d measured runs found", path, self.loaded)
 
+    def has(self, group: str, plan: PrunePlan, policy: str) -> bool:
+        """Whether ``plan`` is measured already (a look-up that does not count as reused)."""
+        return _key(self.identity, group, plan, policy) in self._data
+
     def get(self, group: str, plan: PrunePlan, policy: str) -> list[float] | None:
         errs = self._data.get(_key(self.identity, group, plan, policy))
         if errs is not None:

@@ -123,6 +123,37 @@ def _plan_key(plan: PrunePlan, steps: int) -> tuple[tuple[int, ...], ...]:
     return tuple((k, t, s in probes) for s, (k, t) in enumerate(zip(plan.image_keep, text)))
 
 
+def _pick_victim(snapshots: "OrderedDict[tuple, Any]", warmup_len: int | None) -> tuple | None:
+    """The snapshot to evict (its key), or None to not store the new one.
+
+    Dense warm-ups are what every candidate shares: any other snapshot goes first (least
+    recently used first); a warm-up goes only for a shorter warm-up (shorter ones serve more
+    candidates)."""
+    for key in snapshots:  # OrderedDict: least recently used first
+        if not _all_dense(key[1]):
+            return key
+    if warmup_len is None:
+        return None
+    longest = max(snapshots, key=lambda k: len(k[1]))
+    return longest if len(longest[1]) > warmup_len else None
+
+
+def _admit(snapshots: "OrderedDict[tuple, Any]", held: int, cap: int, key: tuple, nbytes: int,
+           size: Callable[[Any], int]) -> tuple[int, bool]:
+    """Make room under ``cap`` for a new snapshot ``key`` of ``nbytes`` by evicting from ``snapshots``
+    (in place, :func:`_pick_victim`); returns (bytes held after the evictions, whether to store it).
+    One rule for the real store and the cost model's replay of it."""
+    if nbytes > cap:
+        return held, False
+    warm = len(key[1]) if _all_dense(key[1]) else None
+    while held + nbytes > cap and snapshots:
+        victim = _pick_victim(snapshots, warm)
+        if victim is None:
+            return held, False
+        held -= size(snapshots.pop(victim))
+    return held, True
+
+
 class Rollouts:
     """Measure whole sampling runs of plans on one prompt set (module docstring).
 
@@ -189,6 +220,7 @@ class Rollouts:
         self._dense_step_macs = dense_macs(self.geometry)
         self._snapshots: OrderedDict[tuple, _Snapshot] = OrderedDict()
         self._held = 0
+        self._nbytes: int | None = None  # bytes of the last snapshot stored (all are about the same size)
         self._dense: torch.Tensor | None = None
         self.executed_steps = 0  # transformer calls made (cost accounting)
         self.executed_units = 0.0  # the same in dense-step MAC units
@@ -267,16 +299,67 @@ class Rollouts:
         pruner.state.step = s
         noise = pruner.step(pruner.state, x, self.conditions, t.expand(x.shape[0]))
         pruner.state.step = s + 1
-        k = pruner.plan.image_k(s, g.num_tokens)
-        if k > 0:
-            frac = step_macs(g, k, pruner.plan.text_k(s, g.text_tokens), self.reuse, probe=s in pruner.probe_steps,
-                             cached=pruner.plan.is_cached(s))
+        if pruner.plan.image_k(s, g.num_tokens) > 0:
+            units = self._step_units(pruner.plan, s, pruner.probe_steps)
             self.executed_steps += 1
-            self.executed_units += frac / self._dense_step_macs
+            self.executed_units += units
             if self.on_step is not None:
-                self.on_step(frac / self._dense_step_macs)
+                self.on_step(units)
         noise = self.family.guide(noise, self.guidance if self.cfg else None)
         return self.family.scheduler_step(sched, noise, t, latents)
+
+    def _step_units(self, plan: PrunePlan, s: int, probes: Any = None) -> float:
+        """Step ``s`` of ``plan`` in dense-step MAC units of one call (0 for a reused step: no call)."""
+        g = self.geometry
+        k = plan.image_k(s, g.num_tokens)
+        if k <= 0:
+            return 0.0
+        probes = set(plan.probe_steps()) if probes is None else probes
+        frac = step_macs(g, k, plan.text_k(s, g.text_tokens), self.reuse, probe=s in probes, cached=plan.is_cached(s))
+        return frac / self._dense_step_macs
+
+    # ---- cost model --------------------------------------------------------------------------
+    def planned_units(self, plans: Sequence[PrunePlan], policy: str | None = None) -> float:
+        """The work that measuring ``plans`` in this order would execute now, in dense-step MAC units of
+        one call of this prompt set (times ``len(prompts)``: dense prompt-steps).
+
+        The cost model of :meth:`errors`: the dense run first if it has not run, then each plan from its
+        longest prefix held now or stored by an earlier plan of the list (what :meth:`run` resumes from;
+        the snapshot store, its memory cap and its evictions are replayed with the same rule), reused
+        steps free. The calibration's progress bar takes its total from it.
+        """
+        policy = policy or self.policy
+        sizes = OrderedDict((k, snap.nbytes) for k, snap in self._snapshots.items())  # replayed, not touched
+        held = self._held
+        nbytes = self._snapshot_nbytes()
+        todo = list(plans) if self._dense is not None else [PrunePlan.dense(self.steps), *plans]
+        total = 0.0
+        for plan in todo:
+            key = _plan_key(plan, self.steps)
+            start = next((s for s in range(len(key), 0, -1) if (policy, key[:s]) in sizes), 0)
+            if start:
+                sizes.move_to_end((policy, key[:start]))
+            probes = set(plan.probe_steps())
+            total += sum(self._step_units(plan, s, probes) for s in range(start, self.steps))
+            for s in range(max(start, 1), self.steps):  # what run() stores, under the same memory cap
+                if (s > start or not start) and self.snapshot_bytes > 0 and (policy, key[:s]) not in sizes:
+                    held, ok = _admit(sizes, held, self.snapshot_bytes, (policy, key[:s]), nbytes, lambda n: n)
+                    if ok:
+                        sizes[(policy, key[:s])] = nbytes
+                        held += nbytes
+        return total
+
+    def _snapshot_nbytes(self) -> int:
+        """Bytes of one stored run state: the last one stored, else those of a fresh run's state."""
+        if self._nbytes is None:
+            pruner = TokenPruner(self.family.denoiser(self.pipe), PrunePlan.dense(self.steps), policy=self.policy,
+                                 seed=0, reuse=self.reuse, text_protect=self.text_protect,
+                                 guidance=self.guidance if self.cfg else None, select_from=self.select_from,
+                                 family=self.family)
+            st = pruner.begin(self.geometry, self.start.device, self.start.dtype)
+            st.prev_noise = torch.cat([self.start, self.start]) if self.cfg else self.start  # set after a step
+            self._nbytes = _state_bytes(self.start, st) + _tensor_bytes(vars(self._scheduler))
+        return self._nbytes
 
     # ---- snapshots ---------------------------------------------------------------------------
     def _longest_prefix(self, policy: str, key: tuple) -> tuple[int, _Snapshot | None]:
@@ -291,14 +374,11 @@ class Rollouts:
         if not prefix or self.snapshot_bytes <= 0 or (policy, prefix) in self._snapshots:
             return
         nbytes = _state_bytes(latents, pruner.state) + _tensor_bytes(vars(sched))
-        if nbytes > self.snapshot_bytes:
-            return
-        warm = len(prefix) if _all_dense(prefix) else None
-        while self._held + nbytes > self.snapshot_bytes and self._snapshots:
-            victim = self._victim(warm)
-            if victim is None:
-                return  # everything held is worth more than this one
-            self._held -= self._snapshots.pop(victim).nbytes
+        self._nbytes = nbytes
+        self._held, ok = _admit(self._snapshots, self._held, self.snapshot_bytes, (policy, prefix), nbytes,
+                                lambda snap: snap.nbytes)
+        if not ok:
+            return  # too large, or everything held is worth more than this one
         self._snapshots[(policy, prefix)] = _Snapshot(
             latents=latents.clone(), state=_clone_state(pruner.state), policy=copy.deepcopy(pruner.policy),
             scheduler=copy.deepcopy(sched), nbytes=nbytes,
@@ -306,18 +386,8 @@ class Rollouts:
         self._held += nbytes
 
     def _victim(self, warmup_len: int | None) -> tuple | None:
-        """The snapshot to evict, or None to not store the new one.
-
-        Dense warm-ups are what every candidate shares: any other snapshot goes first (least
-        recently used first); a warm-up goes only for a shorter warm-up (shorter ones serve more
-        candidates)."""
-        for key in self._snapshots:  # OrderedDict: least recently used first
-            if not _all_dense(key[1]):
-                return key
-        if warmup_len is None:
-            return None
-        longest = max(self._snapshots, key=lambda k: len(k[1]))
-        return longest if len(longest[1]) > warmup_len else None
+        """The snapshot to evict, or None to not store the new one (:func:`_pick_victim`)."""
+        return _pick_victim(self._snapshots, warmup_len)
 
     def clear(self) -> None:
         """Drop every stored snapshot (frees their memory)."""

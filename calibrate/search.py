@@ -303,8 +303,14 @@ def search(
     max_rollouts: int = 16,
     extra_seeds: Iterable[tuple[str, Structure]] = (),
     step_cache: bool = False,
+    on_round: Callable[[list[PrunePlan], int, PrunePlan | None], None] | None = None,
 ) -> SearchResult:
     """Seeds, then measured best-neighbour moves, within ``max_rollouts`` measurements (module docstring).
+
+    ``on_round(plans, further, best)``, if given, is called before each round (the seeds, then each
+    move round) with the plans the round will measure, in order, the most measurements later rounds
+    could still make, and the best plan so far (None before the seeds): the cost model of what is
+    left (the calibration's progress bar), nothing else.
 
     ``step_cache``: the family runs cached steps (:attr:`~tokprune.pruning.family.ModelFamily.step_caching`),
     so the caching interval is seeded and moved too.
@@ -318,10 +324,28 @@ def search(
     cands: list[Candidate] = []
     by_structure: dict[Structure, Candidate | None] = {}
 
+    realized: dict[Structure, PrunePlan | None] = {}
+
+    def plan_of(st: Structure) -> PrunePlan | None:
+        if st not in realized:
+            realized[st] = realize(st, geometry, steps, budget, align=align, max_buckets=max_buckets, reuse=reuse)
+        return realized[st]
+
+    def announce(structures: list[Structure], best_plan: PrunePlan | None) -> None:
+        """Tell ``on_round`` which new plans this round measures, as :func:`evaluate` will."""
+        if on_round is None:
+            return
+        new: list[PrunePlan] = []
+        for st in structures:
+            plan = None if st in by_structure else plan_of(st)
+            if plan is not None and plan not in measured and plan not in new and len(measured) + len(new) < max_rollouts:
+                new.append(plan)
+        on_round(new, max_rollouts - len(measured) - len(new), best_plan)
+
     def evaluate(origin: str, st: Structure) -> Candidate | None:
         if st in by_structure:
             return by_structure[st]
-        plan = realize(st, geometry, steps, budget, align=align, max_buckets=max_buckets, reuse=reuse)
+        plan = plan_of(st)
         cand = None
         if plan is not None:
             if plan not in measured:
@@ -337,12 +361,15 @@ def search(
         """``st``, or the same structure with the nearest warm-up that reaches the budget."""
         for w in sorted(range(1, steps), key=lambda w: (abs(w - st.warmup), w)):
             cand = replace(st, warmup=w)
-            if realize(cand, geometry, steps, budget, align=align, max_buckets=max_buckets, reuse=reuse) is not None:
+            if plan_of(cand) is not None:
                 return cand
         return st
 
-    for name, st in [*seeds(steps, allow_reuse=allow_reuse, prune_text=prune_text, step_cache=step_cache), *extra_seeds]:
-        evaluate(f"seed:{name}", nearest_feasible(st))
+    start = [(name, nearest_feasible(st)) for name, st in
+             [*seeds(steps, allow_reuse=allow_reuse, prune_text=prune_text, step_cache=step_cache), *extra_seeds]]
+    announce([st for _, st in start], None)
+    for name, st in start:
+        evaluate(f"seed:{name}", st)
     if not cands:
         raise ConfigError(
             f"no schedule structure reaches --budget {budget:g} within +-{TOLERANCE:g} with {steps} steps and "
@@ -350,9 +377,9 @@ def search(
         )
     best = min(cands, key=lambda c: (c.error, c.mac_fraction))
     while len(measured) < max_rollouts:
-        moved = [evaluate(f"move:{knob}", st) for knob, st in
-                 neighbours(best.structure, steps, allow_reuse=allow_reuse, prune_text=prune_text,
-                            step_cache=step_cache)]
+        round_ = neighbours(best.structure, steps, allow_reuse=allow_reuse, prune_text=prune_text, step_cache=step_cache)
+        announce([st for _, st in round_], best.plan)
+        moved = [evaluate(f"move:{knob}", st) for knob, st in round_]
         moved = [c for c in moved if c is not None]
         top = min(moved, key=lambda c: (c.error, c.mac_fraction), default=None)
         if top is None or not top.error < best.error * (1 - 1e-6):

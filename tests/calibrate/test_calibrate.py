@@ -224,3 +224,59 @@ def test_cli_bad_prompt_files(cli, tmp_path):
     empty.write_text("\n   \n# only a comment\n")
     rc, err = cli("--prompts", str(empty), out=str(tmp_path / "s.json"))
     assert rc == 2 and "holds no prompts" in err
+
+
+def test_progress_total_is_the_work_done(pipe, monkeypatch):
+    """The bar's total is forecast from the cost model: exact once no later round can add measurements,
+    and the first forecast (before anything ran) is within 15% of what ran; the bar ends at its total."""
+    from tokprune.calibrate import api
+
+    bars = []
+    real = api._Meter.progress
+
+    def spy(self, enabled):
+        bars.append(self)
+        return real(self, enabled)
+
+    monkeypatch.setattr(api._Meter, "progress", spy)
+    calls = []
+    real_forecast = api._Meter.forecast
+
+    def record(self, calib, held, plans, further, best):
+        total = real_forecast(self, calib, held, plans, further, best)
+        calls.append((further, total, self._bar.total))
+        return total
+
+    monkeypatch.setattr(api._Meter, "forecast", record)
+    calibrate(pipe, budget=0.5, prompts=PROMPTS, max_buckets=3, **{**SMALL, "progress": True})
+    meter = bars[0]
+    done = meter.units
+    assert len(calls) >= 3  # the seeds, at least one move round, and the held-out check
+    assert calls[0][0] > 0 and abs(calls[0][1] - done) <= 0.15 * done
+    for further, total, bar_total in calls:
+        assert bar_total == pytest.approx(total)
+        if further == 0:
+            assert total == pytest.approx(done, rel=1e-9)
+    assert calls[-1][1] == pytest.approx(done, rel=1e-9)
+
+
+def test_forecast_counts_later_rounds_at_the_mean_cost_of_a_plan(pipe):
+    """Later measurements are forecast at this round's mean cost per plan, without the dense run."""
+    from tokprune.calibrate.api import _Meter
+    from tokprune.calibrate.baselines import cat_schedule
+    from tokprune.calibrate.checkpoint import RolloutStore
+
+    settings = dict(steps=6, guidance=5.0, height=None, width=None, max_sequence_length=MSL, seed=0, reuse="noise")
+    meter = _Meter(pipe, RolloutStore(None, {}), batch_size=4, policy="cat", **settings)
+    calib = PROMPTS[:2]
+    ro = Rollouts(pipe, calib, **settings)
+    plans = [cat_schedule(ro.geometry, 6, 0.6, t0=t0) for t0 in (2, 3)]
+    dense = ro.planned_units([]) * 2
+    both = ro.planned_units(plans) * 2
+    assert dense == pytest.approx(12.0)  # 6 dense steps of 2 prompts
+    assert meter.forecast(calib, [], plans, 3, None) == pytest.approx(both + 3 * (both - dense) / 2)
+    with meter.progress(False):
+        for p in plans:
+            meter.error("calib", calib, p)
+    assert meter.units == pytest.approx(both)
+    assert meter.forecast(calib, [], plans, 0, plans[0]) == pytest.approx(both)  # measured: nothing left

@@ -118,3 +118,46 @@ def test_resumed_runs_continue_a_multistep_scheduler_exactly():
     before = ro.executed_steps
     assert torch.equal(ro.run(plan), fresh.run(plan))
     assert ro.executed_steps - before < STEPS  # it did resume from the shared warm-up
+
+
+def test_planned_units_is_the_work_the_runs_then_execute(pipe):
+    """The cost model (the progress bar's total) counts exactly what runs: the dense run once, each plan
+    from its longest shared prefix (also one run earlier in the same list), reused steps free."""
+    ro = Rollouts(pipe, PROMPTS, steps=STEPS, guidance=5.0, max_sequence_length=MSL, seed=3)
+    a = cat_schedule(ro.geometry, STEPS, 0.6, t0=3)
+    b = PrunePlan(a.image_keep[:4] + (0, 64))  # shares a's first four steps, then reuses one
+    c = PrunePlan((ALL, ALL, 128, 0, 64, 128), text_keep=(ALL, ALL, 40, ALL, ALL, 40))  # probe step 1
+    plans = [a, b, c, a]
+    want = ro.planned_units(plans)
+    assert want > STEPS  # the dense run is included while it has not run
+    for p in plans:
+        ro.errors(p)
+    assert ro.executed_units == pytest.approx(want, rel=1e-12)
+    before = ro.executed_units
+    assert ro.planned_units([b]) == pytest.approx(ro._step_units(b, STEPS - 1))  # all but its last step is held
+    ro.run(b)
+    assert ro.executed_units - before == pytest.approx(ro._step_units(b, STEPS - 1))
+    fresh = Rollouts(pipe, PROMPTS, steps=STEPS, guidance=5.0, max_sequence_length=MSL, seed=3, snapshot_bytes=0)
+    assert fresh.planned_units([a]) == pytest.approx(STEPS + sum(fresh._step_units(a, s) for s in range(STEPS)))
+
+
+def test_planned_units_replays_the_snapshot_cap(pipe):
+    """Under a memory cap that holds two snapshots the forecast still equals what runs (evictions replayed),
+    and the estimate of a snapshot's size before any run is the size the first stored one has."""
+    probe = Rollouts(pipe, PROMPTS, steps=STEPS, guidance=5.0, max_sequence_length=MSL, seed=3)
+    size = probe._snapshot_nbytes()
+    probe.dense()
+    assert probe._nbytes == size
+    ro = Rollouts(pipe, PROMPTS, steps=STEPS, guidance=5.0, max_sequence_length=MSL, seed=3,
+                  snapshot_bytes=2 * size + 1)
+    a = cat_schedule(ro.geometry, STEPS, 0.6, t0=3)
+    b = PrunePlan(a.image_keep[:4] + (0, 64))
+    c = cat_schedule(ro.geometry, STEPS, 0.5, t0=2)
+    plans = [a, b, c, b, a]
+    want = ro.planned_units(plans)
+    uncapped = Rollouts(pipe, PROMPTS, steps=STEPS, guidance=5.0, max_sequence_length=MSL, seed=3).planned_units(plans)
+    assert want > uncapped  # the cap costs re-runs, and the forecast knows it
+    ro.dense()  # what errors() runs first
+    for p in plans:
+        ro.run(p)
+    assert ro.executed_units == pytest.approx(want, rel=1e-12)

@@ -107,3 +107,27 @@ def test_search_without_reuse_or_text_never_uses_them():
 def test_unreachable_budget_is_refused():
     with pytest.raises(ConfigError, match="--budget 0.03"):
         search(compounding, G, S, 0.03, align=ALIGN, max_buckets=4)
+
+
+@pytest.mark.parametrize("max_rollouts", [5, 12, 40])
+def test_on_round_announces_exactly_the_plans_each_round_measures(max_rollouts):
+    """The progress bar's cost model: before each round the search names the new plans it will measure, in
+    order, and how many later rounds could still add; together they are every measurement, once."""
+    measured, rounds = [], []
+
+    def measure(plan):
+        measured.append(plan)
+        return compounding(plan)
+
+    def on_round(plans, further, best):
+        rounds.append((list(plans), further, best, len(measured)))
+
+    res = search(measure, G, S, 0.5, align=ALIGN, max_rollouts=max_rollouts, on_round=on_round)
+    assert rounds[0][2] is None and len(rounds) >= (1 if max_rollouts <= 9 else 2)  # seeds, then move rounds
+    announced = [p for plans, *_ in rounds for p in plans]
+    assert announced == measured and len(set(measured)) == len(measured) == res.rollouts <= max_rollouts
+    for i, (plans, further, best, before) in enumerate(rounds):
+        after = rounds[i + 1][3] if i + 1 < len(rounds) else len(measured)
+        assert after - before == len(plans)  # the round measured what it announced
+        assert further == max_rollouts - before - len(plans) >= 0
+        assert i == 0 or best in {c.plan for c in res.candidates}
