@@ -136,8 +136,9 @@ def make_runs(pipe: Any, prompts: Sequence[str], *, call: Call, seeds: Sequence[
                 width=call.width,
                 max_sequence_length=call.max_sequence_length,
             )
-            if "snapshot_bytes" in params:
-                kw["snapshot_bytes"] = SNAPSHOT_BYTES
+            if "snapshot_bytes" in params:  # on a GPU, None: Rollouts' own share of the free device memory
+                on_gpu = getattr(getattr(pipe, "_execution_device", None), "type", "cpu") == "cuda"
+                kw["snapshot_bytes"] = None if on_gpu else SNAPSHOT_BYTES
             if "seeds" in params:
                 return Rollouts(pipe, list(prompts), seeds=list(seeds), **kw)
             ro = Rollouts(pipe, list(prompts), seed=int(seeds[0]), **kw)
