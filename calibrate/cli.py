@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts",
         type=Path,
         default=None,
-        help="file with one prompt per line (default: the built-in calibration set)",
+        help="file with one prompt per line (default: the model's own set where it has one, e.g. the shapes "
+             "captions, else the built-in calibration set; as tokprune-export)",
     )
     tinker.add_argument(
         "--num-prompts", type=int, default=4,
@@ -137,7 +138,9 @@ def _run(args: argparse.Namespace) -> int:
     ckpt = check_output_dir(checkpoint_dir(args), flag="--checkpoint-dir")
     if args.prompts is not None:
         read_text_input(args.prompts, flag="--prompts", what="prompt")  # binary / empty / a directory
-    prompts = load_prompts(args.prompts)  # missing / empty file -> ConfigError before loading the model
+    # missing / empty file -> ConfigError before loading the model; no --prompts: calibrate() takes the
+    # model's own set where it has one (the shapes captions), else the built-in one, as tokprune-export does
+    prompts = load_prompts(args.prompts) if args.prompts is not None else None
     if not 0.0 < args.budget <= 1.0:  # repeated in calibrate(); here so it fails before the model loads
         raise ConfigError(
             f"--budget {args.budget!r} is out of range; expected a fraction of dense MACs in (0, 1], e.g. 0.5"

@@ -280,3 +280,14 @@ def test_forecast_counts_later_rounds_at_the_mean_cost_of_a_plan(pipe):
             meter.error("calib", calib, p)
     assert meter.units == pytest.approx(both)
     assert meter.forecast(calib, [], plans, 0, plans[0]) == pytest.approx(both)  # measured: nothing left
+
+
+def test_cli_without_prompts_takes_the_models_own_set_as_export_does(cli, pipe, tmp_path, monkeypatch):
+    """tokprune-calibrate and tokprune-export calibrate on the same prompts by default (the model's own set,
+    e.g. the shapes captions); the CLI used to pass the built-in set, measuring other prompts than the export."""
+    monkeypatch.setattr(pipe, "_tokprune_calibration_prompts", list(PROMPTS), raising=False)
+    out = tmp_path / "s.json"
+    rc, err = cli("--num-prompts", "2", "--holdout-prompts", "0", "--max-rollouts", "2", "--guidance", "5",
+                  "--max-sequence-length", str(MSL), out=str(out))
+    assert rc == 0, err
+    assert Schedule.load(out).stats["calibration"]["prompt_source"] == "model"
