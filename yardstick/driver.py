@@ -101,22 +101,38 @@ class Driver:
 
     # ---- the whole comparison -----------------------------------------------------------
     def run(self, n: int, chunk: int, after_phase: Callable[[Phase], None] | None = None) -> None:
-        """Every phase (:func:`phases`) on captions ``0..n-1`` in chunks; ``after_phase`` after each (a report)."""
+        """Every phase (:func:`phases`) on captions ``0..n-1`` in chunks; ``after_phase`` after each (a report).
+
+        A phase that fails (an error, not an interrupt) is recorded (``phase_error``, shown in the findings)
+        and the next phase runs: one broken row never costs the others; the error is raised at the end."""
+        from tokprune.errors import TokpruneError
+
+        failed: list[str] = []
         try:
             for ph in phases(self.budgets, self.methods, self.caches):
                 t0 = time.perf_counter()
                 logger.info("phase: %s", ph.name)
-                rows = self.prepare_rows(ph.rows, caches=ph.caches)
-                for start in range(0, n, chunk):
-                    self.run_chunk(start, min(n, start + chunk), rows=rows, noise=ph.noise)
-                self.metrics.drain()
-                logger.info("phase done: %s (%.0f s)", ph.name, time.perf_counter() - t0)
+                try:
+                    rows = self.prepare_rows(ph.rows, caches=ph.caches)
+                    for start in range(0, n, chunk):
+                        self.run_chunk(start, min(n, start + chunk), rows=rows, noise=ph.noise)
+                    self.metrics.drain()
+                except Exception as e:  # noqa: BLE001 - recorded, reported, raised after the other phases
+                    logger.error("phase %r failed after %.0f s: %s: %s; going on with the next phase", ph.name,
+                                 time.perf_counter() - t0, type(e).__name__, e, exc_info=logger.isEnabledFor(logging.DEBUG))
+                    self.store.append({"kind": "phase_error", "phase": ph.name, "error": f"{type(e).__name__}: {e}"})
+                    failed.append(ph.name)
+                else:
+                    logger.info("phase done: %s (%.0f s)", ph.name, time.perf_counter() - t0)
                 if after_phase is not None:
                     after_phase(ph)
         except BaseException:
             self.close(cancel=True)
             raise
         self.close()
+        if failed:
+            raise TokpruneError(f"{len(failed)} phase(s) failed: {'; '.join(failed)} (errors in the log and in the "
+                                "report's findings); the other phases are recorded: fix and re-run the same command")
 
     # ---- captions -------------------------------------------------------------------
     def captions(self, start: int, stop: int) -> tuple[list[str], list[int]]:

@@ -44,6 +44,11 @@ def _concat(chunks: list[dict[str, Any]], key: str, n: int) -> np.ndarray | None
     return np.asarray(vals[:n], dtype=np.float64)
 
 
+def _last_run(records: list[dict[str, Any]]) -> int:
+    """Index of the last measuring run's first record (its ``versions`` record; 0 if none)."""
+    return max((i for i, r in enumerate(records) if r.get("kind") == "versions"), default=0)
+
+
 def aggregate(records: list[dict[str, Any]], n: int, *, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Per row: metrics' means and intervals over the first ``n`` captions, MAC fraction, plan, timing."""
     plans = {r["row"]: r for r in records if r.get("kind") == "plan"}
@@ -114,6 +119,9 @@ def aggregate(records: list[dict[str, Any]], n: int, *, resamples: int = 1000, s
             ),
         },
         "unreachable": [{"row": r["row"], "reason": r["reason"]} for r in records if r.get("kind") == "unreachable"],
+        # only the last measuring run's (it starts with a versions record): a rerun that completed clears them
+        "phase_errors": [{"phase": r["phase"], "error": r["error"]} for r in records[_last_run(records):]
+                         if r.get("kind") == "phase_error"],
         "bootstrap": {"resamples": resamples, "seed": seed, "level": 0.95},
         "psnr_cap_db": PSNR_CAP_DB,
     }
@@ -198,6 +206,8 @@ def findings(agg: dict[str, Any]) -> list[str]:
             out.append(f"Calibrated plan at {b:g}: {pruned} token-pruned steps, {keeps.count(0)} reuse steps of {len(keeps)}.")
     for u in agg.get("unreachable", []):
         out.append(f"{u['row']}: no plan at this budget: {u['reason']}")
+    for e in agg.get("phase_errors", []):
+        out.append(f"Phase {e['phase']!r} FAILED (its rows may be missing or short): {e['error']}")
     full = agg.get("n") or max((r["n"] for r in rows if r["method"] != "dense-rerun"), default=0)
     short = [f"{r['row']} (n={r['n']})" for r in rows if r["method"] != "dense-rerun" and r["n"] < full]
     if short:

@@ -144,3 +144,29 @@ def test_report_only_rebuilds_gpu_records_on_a_machine_without_one(tmp_path):
     assert doc["versions"]["device"] == "NVIDIA H100 80GB HBM3" and doc["settings"]["device"] == "cuda"
     assert {r["row"]: r["n"] for r in doc["aggregate"]["rows"]} == {"dense-rerun": 2, "cat@0.3": 2}
     assert "NVIDIA H100 80GB HBM3" in (b / "quality.md").read_text()
+
+
+def test_a_failing_phase_is_reported_and_the_next_phases_still_run(tmp_path, monkeypatch, capsys):
+    from tokprune.yardstick import rows as rows_mod
+
+    real = rows_mod._make_plan
+
+    def broken(method, b, **kw):
+        if b == 0.5:
+            raise RuntimeError("CUDA error: simulated")
+        return real(method, b, **kw)
+
+    out = tmp_path / "q"
+    args = [*TINY, "--steps", "8", "--budgets", "0.5,0.3", "--methods", "cat", "--caches", "fbc:threshold=5",
+            "--n", "2", "--chunk", "2", "--noise-n", "1", "--out", str(out)]
+    monkeypatch.setattr(rows_mod, "_make_plan", broken)
+    assert quality.main(args) == 1
+    assert "1 phase(s) failed: budget 0.5" in capsys.readouterr().err
+    doc = json.loads((out / "quality.json").read_text())
+    assert {r["row"] for r in doc["aggregate"]["rows"]} == {"dense-rerun", "cat@0.3", "fbc(threshold=5)"}
+    assert any(f.startswith("Phase 'budget 0.5' FAILED") and "CUDA error: simulated" in f for f in doc["findings"])
+    monkeypatch.setattr(rows_mod, "_make_plan", real)
+    assert quality.main(args) == 0  # the rerun does the failed phase only, and its report drops the old error
+    doc = json.loads((out / "quality.json").read_text())
+    assert {r["row"] for r in doc["aggregate"]["rows"]} == {"dense-rerun", "cat@0.3", "cat@0.5", "fbc(threshold=5)"}
+    assert not any("FAILED" in f for f in doc["findings"])
