@@ -74,9 +74,14 @@ def bench(args: argparse.Namespace) -> int:
     def call() -> torch.Tensor:
         return pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kw).images
 
+    def spinning(spec, manifest):  # the per-bucket runners runtime.load builds on CPU, with spinning threads
+        return OnnxRuntimeRunner(manifest.onnx_path(spec.key), spec, threads=args.threads, spin=True)
+
+    factory = spinning if args.spin else None
     views = {
-        "ort-dense": runtime.load(args.engines, backend="onnxruntime", pruned=False, threads=args.threads),
-        "ort-pruned": runtime.load(args.engines, backend="onnxruntime", threads=args.threads),
+        "ort-dense": runtime.load(args.engines, backend="onnxruntime", pruned=False, threads=args.threads,
+                                  runner_factory=factory),
+        "ort-pruned": runtime.load(args.engines, backend="onnxruntime", threads=args.threads, runner_factory=factory),
     }
     original = pipe.transformer
     arms = ["eager-dense", *views]
@@ -106,7 +111,8 @@ def bench(args: argparse.Namespace) -> int:
     # vs the dense bucket's latency x MAC ratio
     specs = manifest.bucket_specs()
     g = manifest.geometry
-    runners = {key: OnnxRuntimeRunner(manifest.onnx_path(key), spec, threads=args.threads) for key, spec in specs.items()}
+    runners = {key: OnnxRuntimeRunner(manifest.onnx_path(key), spec, threads=args.threads, spin=args.spin)
+               for key, spec in specs.items()}
     feeds = {key: spec.sample_inputs(0) for key, spec in specs.items()}
     lat: dict[str, list[float]] = {key: [] for key in specs}
     for runner in runners.values():
@@ -135,7 +141,7 @@ def bench(args: argparse.Namespace) -> int:
     med = {a: statistics.median(v) for a, v in times.items()}
     ref = latents["eager-dense"].float()
     result = {
-        "model": "pixart-medium", "threads": args.threads, "steps": STEPS, "guidance": GUIDANCE,
+        "model": "pixart-medium", "threads": args.threads, "spin": args.spin, "steps": STEPS, "guidance": GUIDANCE,
         "max_sequence_length": MSL, "rounds": args.rounds, "plan": manifest.step_buckets,
         "mac_fraction": manifest.data["mac_fraction"], "geometry": manifest.data["geometry"],
         "seconds": times, "median_s": med,
@@ -170,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--threads", type=int, required=True)
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--bucket-repeats", type=int, default=7)
+    b.add_argument("--spin", action="store_true",
+                   help="ONNX Runtime threads spin for work while a run is in flight (OnnxRuntimeRunner(spin=True))")
     b.add_argument("--json")
     args = p.parse_args(argv)
     return export(args) if args.cmd == "export" else bench(args)
