@@ -32,6 +32,7 @@ from tokprune.pruning.family import family_for
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_BYTES = 1 << 30  # prefix snapshots kept per Rollouts object (one chunk's rows share its dense warm-ups)
+SNAPSHOT_BYTES_GPU = 4 << 30  # the same on a GPU: fixed, not a share of free memory (a job beside it may grow)
 
 __all__ = ["Call", "EagerRuns", "decode", "geometry_of", "make_runs", "measure_plan_macs", "run_cache"]
 
@@ -136,9 +137,9 @@ def make_runs(pipe: Any, prompts: Sequence[str], *, call: Call, seeds: Sequence[
                 width=call.width,
                 max_sequence_length=call.max_sequence_length,
             )
-            if "snapshot_bytes" in params:  # on a GPU, None: Rollouts' own share of the free device memory
+            if "snapshot_bytes" in params:
                 on_gpu = getattr(getattr(pipe, "_execution_device", None), "type", "cpu") == "cuda"
-                kw["snapshot_bytes"] = None if on_gpu else SNAPSHOT_BYTES
+                kw["snapshot_bytes"] = SNAPSHOT_BYTES_GPU if on_gpu else SNAPSHOT_BYTES
             if "seeds" in params:
                 return Rollouts(pipe, list(prompts), seeds=list(seeds), **kw)
             ro = Rollouts(pipe, list(prompts), seed=int(seeds[0]), **kw)
