@@ -16,8 +16,8 @@ DEST=${2:-${OUT:-.}}
 WORK=${WORK:-/tmp/q64}
 ARGS=${ARGS:---device cuda --n 64 --chunk 16 --noise-n 16}
 BIN=${TOKPRUNE_QUALITY:-tokprune-quality}
-python -c "import tokprune.yardstick.workers" 2>/dev/null || {
-  echo "the installed tokprune is not this tree (no tokprune.yardstick.workers): pip install --no-deps --no-build-isolation -e ." >&2
+$BIN --help 2>/dev/null | grep -q -- --metric-workers || {
+  echo "the installed $BIN is not this tree's (no --metric-workers): pip install --no-deps --no-build-isolation -e ." >&2
   exit 3
 }
 start=$(date +%s)
