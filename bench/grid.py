@@ -341,8 +341,8 @@ def _meta(scenario: GridScenario, manifest: Any, settings: dict[str, Any], devic
         "image_tokens": g.num_tokens,
         "text_tokens": g.text_tokens,
         "batch": g.batch,
-        "layers": g.num_layers,
-        "hidden": g.dim,
+        "layers": getattr(g, "num_layers", None),  # transformer families; None for U-Nets (no uniform width)
+        "hidden": getattr(g, "dim", None),
         "schedule": manifest.data["step_buckets"],
         "budget": manifest.data["budget"],
         "prompts": list(scenario.prompts),

@@ -25,7 +25,8 @@ def markdown(result: Any) -> str:
     m = result.meta
     s = m["settings"]
     head = (
-        f"Model {m['model']['name']} ({m['layers']} layers, hidden {m['hidden']}), {s['height']}x{s['width']} px, "
+        f"Model {m['model']['name']}" + (f" ({m['layers']} layers, hidden {m['hidden']})" if m.get("layers") else "")
+        + f", {s['height']}x{s['width']} px, "
         f"N={m['image_tokens']} image + T={m['text_tokens']} text tokens, batch {m['batch']} (CFG), {s['steps']} steps, "
         f"guidance {s['guidance']:g}, budget {m['budget']:g}; {len(m['prompts'])} prompts x {m['runs']} runs "
         f"(+{m['warmup']} warm-up); device {m['device']}, {m['torch_threads']} threads."

@@ -112,6 +112,11 @@ class UNetGeometry:
 
         return step_macs(self, keep, keep_text, reuse, cached=cached, probe=probe)
 
+    def diffusers_dense_macs(self) -> int:
+        """MACs of one stock diffusers ``UNet2DConditionModel`` forward (the benchmark's eager reference): the
+        dense step, which runs exactly the diffusers modules."""
+        return self.step_macs(-1)
+
     def with_batch(self, batch: int) -> "UNetGeometry":
         return replace(self, batch=batch)
 

@@ -168,3 +168,23 @@ def test_manifest_refuses_another_architecture_and_size(sd15):
     runtime.attach(pipe, sd15["dir"])
     with pytest.raises(ShapeError, match="resolution: got 32x32 px.*height=64, width=64"):
         pipe("x", num_inference_steps=STEPS, height=32, width=32, output_type="np")
+
+
+def test_bench_grid_runs_unet_exports(sd15):
+    """``tokprune-bench``'s grid on a U-Net export: eager and ONNX Runtime arms, per-bucket MAC ratios (cached too)."""
+    from tokprune.bench.grid import run_bench
+    from tokprune.bench.report import markdown
+    from tokprune.bench.scenario import GridScenario
+    from tokprune.pruning.macs import step_macs
+
+    result = run_bench(GridScenario(engines=sd15["dir"], backends=("eager", "onnxruntime"), prompts=("a red circle",),
+                                    runs=1, warmup=0, progress=False))  # fmt: skip
+    rows = {(r["backend"], r["pruned"]): r for r in result.rows}
+    assert set(rows) == {("eager", False), ("eager", True), ("onnxruntime", False), ("onnxruntime", True)}
+    assert rows[("onnxruntime", True)]["psnr_db"] == pytest.approx(rows[("eager", True)]["psnr_db"], abs=0.5)
+    g = load_manifest(sd15["dir"]).geometry
+    cached = next(b for b in result.buckets if b["backend"] == "onnxruntime" and b["cached"])
+    dense = step_macs(g, g.num_tokens, g.text_tokens)
+    assert cached["mac_ratio"] == pytest.approx(step_macs(g, cached["image_keep"], 40, cached=True) / dense)
+    assert cached["steps"] == 2 and "call_median_s" in cached
+    assert "k0256-t0040-cached" in markdown(result)
