@@ -24,27 +24,32 @@ export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 3
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 3
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl . || exit 3
+REPO=$PWD
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
 command -v python >/dev/null || ln -sf "$(command -v python3)" /tmp/site/bin/python
 nvidia-smi -L
 python3 -c "import torch, diffusers, tokprune; print('torch', torch.__version__, 'diffusers', diffusers.__version__, torch.cuda.get_device_name(), tokprune.__file__)" || exit 3
 stamp "installed"
 
+if [ "${SKIP_XL:-0}" != 1 ]; then
 mkdir -p /tmp/xl
 timeout -k 10 "$XL_LIMIT" python3 results/gpu/scenario_gpu_ready.py --model pixart-sigma-xl --skip graphs \
   --time-budget "$XL_BUDGET" --out /tmp/xl >/tmp/xl/stdout.log 2>&1
 stamp "pixart-sigma-xl scenario exit $?"
 tail -n 40 /tmp/xl/stdout.log
 tar -cf "$OUT/xl.tar" -C /tmp xl
+fi
+# From outside the checkout: its tokprune/ folder holds only the core package and would shadow the install.
+cd /tmp
 
 (
   python3 -m tokprune.yardstick.train --arch pixart --device cuda --minutes "$PIX_MIN" --out /tmp/pix \
     --pack-to "$OUT/pix" >/tmp/pixtrain.log 2>&1
   echo "train exit $?" >>/tmp/pixtrain.log
 ) &
-WORK=/tmp/q64 bash results/quality/gpu_n64.sh "$Q_LIMIT" /tmp/qout >/tmp/q64.log 2>&1
+WORK=/tmp/q64 bash "$REPO/results/quality/gpu_n64.sh" "$Q_LIMIT" /tmp/qout >/tmp/q64.log 2>&1
 stamp "quality done"
 wait
 stamp "training done"
