@@ -73,8 +73,13 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int], patch: int, channels
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, N, D), idx (B, K) -> (B, K, D)."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """x (B, N, D), idx (B, K) -> (B, K, D).
+
+    Whole rows by one flat row number each (``Gather`` in ONNX), not an expanded per-element index
+    (``GatherElements``, with a (B, K, D) int64 ``Expand`` before it), as :func:`scatter_rows` writes them.
+    """
+    b, _, d = x.shape
+    return x.reshape(-1, d).index_select(0, _flat_rows(x, idx)).view(b, -1, d)
 
 
 def scatter_rows(dst: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, *, inplace: bool) -> torch.Tensor:

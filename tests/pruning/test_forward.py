@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import make_inputs, make_transformer
 from tokprune.pruning import Geometry, patchify, pruned_forward, unpatchify
-from tokprune.pruning.forward import scatter_rows
+from tokprune.pruning.forward import gather_rows, scatter_rows
 
 TOL = 1e-5
 
@@ -188,6 +188,17 @@ def test_scatter_rows_writes_whole_rows_at_idx(shape, contiguous):
     out = scatter_rows(dst, idx, rows, inplace=True)
     assert out is dst and torch.equal(dst, expect)
     assert not torch.equal(expect, before)
+
+
+def test_gather_rows_reads_whole_rows_at_idx():
+    """gather_rows (flat row index) equals torch's per-element gather, on a non-contiguous view too."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 10, 6, generator=gen)
+    idx = torch.stack([torch.randperm(10, generator=gen)[:4] for _ in range(2)])
+    expect = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, 6))
+    assert torch.equal(gather_rows(x, idx), expect)
+    view = x.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not view.is_contiguous() and torch.equal(gather_rows(view, idx), expect)
 
 
 def test_patchify_roundtrip():

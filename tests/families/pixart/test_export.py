@@ -153,6 +153,8 @@ def test_text_kv_input_buckets_export_and_chain_with_the_prompt_graph(tmp_path, 
     if keep < g.num_tokens:  # every block's K and V cache write and the prev_noise reuse move whole rows (ScatterND):
         # ONNX Runtime's per-element ScatterElements was 8 % of a pixart-medium K = 288 bucket at 2 threads
         assert ops.count("ScatterND") == 2 * g.num_layers + 1 and "ScatterElements" not in ops, ops
+    assert "Gather" in ops, ops  # the K image rows: whole rows, one index each
+    assert ("GatherElements" in ops) == (keep_text is not None), ops  # only text pruning's (small) gathers
     assert {n for n, _ in FAMILY.condition_specs(g).items()} <= set(spec.input_names())
     assert "encoder_hidden_states" not in spec.input_names()
 
