@@ -350,13 +350,18 @@ class Rollouts:
         return total
 
     def _snapshot_nbytes(self) -> int:
-        """Bytes of one stored run state: the last one stored, else those of a fresh run's state."""
+        """Bytes of one stored run state: the last one stored, else those of a fresh run's state (exact for
+        SD3; a family that adds caches in the first step, e.g. PixArt's text K/V, stores about 2x more,
+        which only the forecasts before the first stored state do not know)."""
         if self._nbytes is None:
             pruner = TokenPruner(self.family.denoiser(self.pipe), PrunePlan.dense(self.steps), policy=self.policy,
                                  seed=0, reuse=self.reuse, text_protect=self.text_protect,
                                  guidance=self.guidance if self.cfg else None, select_from=self.select_from,
                                  family=self.family)
-            st = pruner.begin(self.geometry, self.start.device, self.start.dtype)
+            try:  # shapes only: no memory on the meta device (an SD3 state of 4 prompts is GBs)
+                st = pruner.begin(self.geometry, torch.device("meta"), self.start.dtype)
+            except (RuntimeError, NotImplementedError):
+                st = pruner.begin(self.geometry, self.start.device, self.start.dtype)
             st.prev_noise = torch.cat([self.start, self.start]) if self.cfg else self.start  # set after a step
             self._nbytes = _state_bytes(self.start, st) + _tensor_bytes(vars(self._scheduler))
         return self._nbytes
