@@ -11,9 +11,11 @@ construction and the search only decides *how* to spend the budget.
 
 1. **Seeds**, each measured: CAT's fixed schedule at several warm-ups t0 (4, 6, 8, 10 of 28),
    RAS-style periodic dense refresh, dense/reuse interleaving, some reuse between pruned steps,
-   a falling keep profile and text pruning (when allowed): 9 runs.
+   a falling keep profile and text pruning (when allowed): 9 runs; for families with step caching
+   (U-Nets' DeepCache) also caching every 2nd and 3rd pruned step. Keep counts never go below the
+   geometry's ``min_keep`` (U-Nets: one base token per 2x2 window).
 2. **Measured moves** from the best: change one structural knob (warm-up +-1/+-2, refresh
-   period, reuse spacing, keep profile, text fraction), measure every feasible neighbour, move to
+   period, reuse spacing, keep profile, text fraction, caching interval), measure every feasible neighbour, move to
    the best if it is better, until no neighbour improves or the rollout budget is spent.
 3. The pick is the best *measured* candidate; the caller validates it on held-out prompts.
 

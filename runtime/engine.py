@@ -557,7 +557,8 @@ def attach(
     device: torch.device | str | None = None,
     **load_kwargs: Any,
 ) -> EngineTransformer:
-    """Make ``pipe`` (a ``StableDiffusion3Pipeline``) run the engines: swap ``pipe.transformer``, wire the scheduler.
+    """Make ``pipe`` run the engines: swap its denoiser (``pipe.transformer``; ``pipe.unet`` for SD1.5 / SDXL
+    U-Nets: the family's ``denoiser_attr``), wire the scheduler.
 
     ``engines``: an export directory (loaded with ``backend`` / ``device`` / ``load_kwargs``) or a loaded
     runtime; a runtime already serving another pipeline is shared through a new view, so several
