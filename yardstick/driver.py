@@ -65,19 +65,34 @@ def phases(budgets: Sequence[float], methods: Sequence[str], caches: Sequence[st
     return out
 
 
+def scores_objects(model: Any) -> bool:
+    """Whether ``model`` draws the shapes world, so the checker's metrics (object IoU, accuracy) apply.
+
+    True for the trained yardsticks (``shapes``, ``pixart-shapes``) by name or by their directory (a
+    ``yardstick.json`` beside the pipeline's ``model_index.json``); random-weight models are scored on
+    PSNR / SSIM / latent error only.
+    """
+    from pathlib import Path
+
+    from tokprune.yardstick import PIXART_SHAPES_DIR, SHAPES_DIR
+
+    if str(model) in ("shapes", "pixart-shapes", str(SHAPES_DIR), str(PIXART_SHAPES_DIR)):
+        return True
+    path = Path(str(model))
+    return path.is_dir() and (path / "yardstick.json").is_file()
+
+
 class Driver:
     """Prepare rows and run chunks for one comparison (see module doc)."""
 
     def __init__(self, pipe: Any, store: Any, *, call: Any, settings: dict[str, Any], budgets: Sequence[float],
                  methods: Sequence[str], caches: Sequence[str], progress: bool = True,
                  prefer_rollouts: bool = True, metric_workers: int = 0, metric_threads: int = 2) -> None:
-        from tokprune.yardstick import SHAPES_DIR
-
         self.pipe, self.store, self.call, self.settings = pipe, store, call, settings
         self.budgets, self.methods, self.caches = tuple(budgets), tuple(methods), list(caches)
         self.progress, self.prefer_rollouts = progress, prefer_rollouts
         model = settings["model"]
-        self.score = model == "shapes" or str(model) == str(SHAPES_DIR)  # checker metrics need the trained yardstick
+        self.score = scores_objects(model)  # checker metrics need a trained yardstick of the shapes world
         self.rows: list[Any] = []
         self._bar: Any = None
         self._calib_runs: Any = None

@@ -170,3 +170,16 @@ def test_a_failing_phase_is_reported_and_the_next_phases_still_run(tmp_path, mon
     doc = json.loads((out / "quality.json").read_text())
     assert {r["row"] for r in doc["aggregate"]["rows"]} == {"dense-rerun", "cat@0.3", "cat@0.5", "fbc(threshold=5)"}
     assert not any("FAILED" in f for f in doc["findings"])
+
+
+def test_checker_metrics_apply_to_both_trained_yardsticks(tmp_path):
+    """Object IoU and accuracy are computed for the shapes world on either family, not for random models."""
+    from tokprune.yardstick.driver import scores_objects
+
+    assert scores_objects("shapes") and scores_objects("pixart-shapes")
+    assert not scores_objects("sd3-tiny") and not scores_objects("pixart-medium")
+    trained = tmp_path / "my-yardstick"
+    trained.mkdir()
+    assert not scores_objects(trained)
+    (trained / "yardstick.json").write_text("{}")
+    assert scores_objects(trained)
