@@ -37,11 +37,12 @@ from tokprune.environment import device_name, versions
 from tokprune.errors import ConfigError
 from tokprune.fsutil import atomic_write_text
 from tokprune.yardstick.dataset import TRAIN_SEED, render, sample_spec, scene_params, to_model_input
-from tokprune.yardstick.evaluate import evaluate, save_grid
+from tokprune.yardstick.evaluate import save_grid
 from tokprune.yardstick.model import YardstickMeta, count_parameters, save_pipeline
 from tokprune.yardstick.pixart_model import PIXART_PRESETS, PixArtShapesConfig, build_pipeline
 from tokprune.yardstick.train_config import CKPT_VERSION, RunState, TrainConfig
-from tokprune.yardstick.train_data import batches
+from tokprune.yardstick.train_data import StepStream, batches
+from tokprune.yardstick.train_loop import pick_final_weights
 
 __all__ = ["PixArtBatchStream", "diffusion_loss", "run_pixart"]
 
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 PARTS = ("transformer", "text_encoder")
 
 
-class PixArtBatchStream(torch.utils.data.IterableDataset):
+class PixArtBatchStream(StepStream):
     """Batches for consecutive steps: scene ``params`` and the T5 ``ids`` / ``mask`` of the captions,
     tokenized exactly as ``PixArtSigmaPipeline.encode_prompt`` does; a ``cfg_dropout`` share is ""."""
 
@@ -65,14 +66,6 @@ class PixArtBatchStream(torch.utils.data.IterableDataset):
         tok = self.tokenizer(captions, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                              add_special_tokens=True, return_tensors="pt")
         return {"params": scene_params(specs), "ids": tok.input_ids, "mask": tok.attention_mask}
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        step = self.first_step + worker
-        while True:
-            yield self.make(step)
-            step += workers
 
 
 class _Schedule:
@@ -167,7 +160,7 @@ def run_pixart(tc: TrainConfig, argv: list[str] | None, stop) -> dict[str, Any]:
 
 def _train(pipe, tc: TrainConfig, mcfg: PixArtShapesConfig, state: RunState, opt_state, ema, clock, stop, device,
            checkpoint) -> None:
-    from tokprune.yardstick.train_loop import _Bar, _autocast, _compile_blocks, _fused_ok, _lr_factor
+    from tokprune.yardstick.train_loop import OptimStep, _Bar, _autocast, _compile_blocks, _fused_ok
 
     tr, vae, te = pipe.transformer, pipe.vae, pipe.text_encoder
     tr.train().requires_grad_(True)
@@ -175,7 +168,7 @@ def _train(pipe, tc: TrainConfig, mcfg: PixArtShapesConfig, state: RunState, opt
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=0.0, betas=(0.9, 0.99), **_fused_ok(device))
     if opt_state is not None:
         opt.load_state_dict(opt_state)
-    compiled = _compile_blocks(tr) if tc.compile else False
+    stepper = OptimStep(tr, opt, params, ema, tc, state, _compile_blocks(tr) if tc.compile else False)
     sched = _Schedule(pipe.scheduler, device)
     scale = float(vae.config.scaling_factor)
     deadline = tc.minutes * 60.0 - tc.reserve_s
@@ -194,7 +187,7 @@ def _train(pipe, tc: TrainConfig, mcfg: PixArtShapesConfig, state: RunState, opt
     items = batches(stream, tc.workers, device.type == "cuda")
     logger.info("pixart dit: batch %d, lr %.1e, until %s, %.0fs left", tc.batch, tc.lr,
                 f"step {tc.steps}" if tc.steps else "time", deadline - clock())
-    last_ckpt, window, t_log, s_log, skipped = time.time(), [], clock(), state.dit_step, 0
+    last_ckpt, window, t_log, s_log = time.time(), [], clock(), state.dit_step
     no_cond = {"resolution": None, "aspect_ratio": None}
 
     def forward(x_t, t, emb, mask):
@@ -219,30 +212,15 @@ def _train(pipe, tc: TrainConfig, mcfg: PixArtShapesConfig, state: RunState, opt
                 t = torch.randint(0, sched.n, (z.shape[0],), device=device)
                 noise = torch.randn_like(z)
                 x_t = sched.sqrt_ab[t].view(-1, 1, 1, 1) * z + sched.sqrt_1mab[t].view(-1, 1, 1, 1) * noise
-            opt.zero_grad(set_to_none=True)
-            try:
+            def loss_fn():
                 mse, vb = diffusion_loss(forward(x_t, t, emb, mask), noise, t, sched)
                 (mse + vb).backward()
-            except Exception:  # a compiler failure must not cost the run: fall back to eager, redo the step
-                if not compiled:
-                    raise
-                logger.exception("torch.compile failed; continuing eager")
-                compiled = _compile_blocks(tr, undo=True)
-                opt.zero_grad(set_to_none=True)
-                mse, vb = diffusion_loss(forward(x_t, t, emb, mask), noise, t, sched)
-                (mse + vb).backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            if not torch.isfinite(gnorm):
-                skipped += 1
-                if skipped > 20:
-                    raise FloatingPointError(f"20 non-finite gradients by step {state.dit_step}; lower --lr")
+                return mse, vb
+
+            losses = stepper.step(loss_fn, progress())
+            if losses is None:
                 continue
-            for g in opt.param_groups:
-                g["lr"] = tc.lr * _lr_factor(state.dit_step, tc.warmup, progress())
-            opt.step()
-            decay = min(tc.ema, (1 + state.dit_step) / (10 + state.dit_step))
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
-            state.dit_step += 1
+            mse, vb = losses
             window.append(torch.stack([mse.detach(), vb.detach()]))
             if state.dit_step % 10 == 0:
                 bar.update(step=state.dit_step)
@@ -254,7 +232,7 @@ def _train(pipe, tc: TrainConfig, mcfg: PixArtShapesConfig, state: RunState, opt
                 t_log, s_log = now, state.dit_step
                 state.dit_history.append([state.dit_step, round(m_mse, 5), round(now, 1), round(m_vb, 5)])
                 logger.info("pixart step %d | mse %.4f vb %.4f | %.2f step/s %.0f img/s | lr %.2e | gnorm %.2f | %.0fs / %.0fs",
-                            state.dit_step, m_mse, m_vb, rate, rate * tc.batch, opt.param_groups[0]["lr"], gnorm.item(),
+                            state.dit_step, m_mse, m_vb, rate, rate * tc.batch, opt.param_groups[0]["lr"], stepper.gnorm.item(),
                             now, tc.minutes * 60)
             if tc.ckpt_minutes > 0 and time.time() - last_ckpt >= tc.ckpt_minutes * 60:
                 save()
@@ -262,7 +240,7 @@ def _train(pipe, tc: TrainConfig, mcfg: PixArtShapesConfig, state: RunState, opt
     finally:
         bar.close()
         del items
-        if compiled:
+        if stepper.compiled:
             _compile_blocks(tr, undo=True)
     save()
 
@@ -272,50 +250,8 @@ def _finish(pipe, tc: TrainConfig, mcfg: PixArtShapesConfig, state: RunState, em
     """Score EMA at each guidance and raw at the best; save the best with training.json and samples.png inside."""
     from tokprune.yardstick.train import _summarise
 
-    tr = pipe.transformer.eval()
-    params = list(tr.parameters())
-    raw = [p.detach().clone() for p in params]
     t0 = clock()
-    results, best = {}, None
-    batch = 64 if device.type == "cuda" else 8
-
-    def load(which: str) -> None:
-        with torch.no_grad():
-            for p, w in zip(params, ema if which == "ema" else raw):
-                p.copy_(w)
-
-    def trial(which: str, g: float) -> None:
-        nonlocal best
-        load(which)
-        r = evaluate(pipe, n=tc.eval_n, steps=tc.eval_steps, guidance=g, seed=0, batch_size=batch,
-                     max_sequence_length=mcfg.max_sequence_length, return_images=True)
-        images = r.pop("images")
-        r.pop("captions")
-        results[f"{which}@{g:g}"] = r
-        logger.info("eval %s guidance %g: mean %.3f (pos %.3f col %.3f shape %.3f size %.3f) image %.3f, %.1fs",
-                    which, g, r["mean"], r["position"], r["colour"], r["shape"], r["size"], r["image"], r["seconds"])
-        key = (r["mean"], r["image"], which == "ema")
-        if best is None or key > best[0]:
-            best = (key, which, g, images)
-
-    def fits() -> bool:
-        """Whether one more evaluation fits the budget (the first always runs; at least one is needed)."""
-        if not results:
-            return True
-        last = max(r["seconds"] for r in results.values())
-        ok = tc.smoke or clock() + 1.2 * last + 5.0 <= tc.minutes * 60.0
-        if not ok:
-            logger.warning("final evaluation: skipping the rest (%.0fs of %.0fs spent, %.0fs an evaluation)",
-                           clock(), tc.minutes * 60.0, last)
-        return ok
-
-    for g in tc.guidances:
-        if fits():
-            trial("ema", g)
-    if fits():
-        trial("raw", best[2])
-    _, which, guidance, images = best
-    load(which)
+    results, which, guidance, images = pick_final_weights(pipe, tc, mcfg.max_sequence_length, ema, clock, device)
     model_dir = out / "model"
     meta = YardstickMeta(max_sequence_length=mcfg.max_sequence_length, num_inference_steps=28,
                          guidance_scale=float(guidance), config={"arch": "pixart", **dataclasses.asdict(mcfg)})

@@ -13,8 +13,6 @@ the dense image's objects), ``acc`` (checker attribute accuracy of the image vs 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 

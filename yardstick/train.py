@@ -46,10 +46,10 @@ from tokprune.environment import device_name, versions
 from tokprune.console import add_common, run_cli
 from tokprune.errors import ConfigError
 from tokprune.fsutil import atomic_output, atomic_write_text
-from tokprune.yardstick.evaluate import evaluate, save_grid
+from tokprune.yardstick.evaluate import save_grid
 from tokprune.yardstick.model import PRESETS, ModelConfig, YardstickMeta, build_pipeline, count_parameters, save_pipeline
 from tokprune.yardstick.train_config import CKPT_VERSION, RunState, TrainConfig
-from tokprune.yardstick.train_loop import train_dit, train_vae
+from tokprune.yardstick.train_loop import pick_final_weights, train_dit, train_vae
 
 __all__ = ["TrainConfig", "main", "parse_args", "run"]
 
@@ -190,36 +190,8 @@ def _run(tc: TrainConfig, device: torch.device, out: Path, mcfg: ModelConfig, st
 
 def finish(pipe, tc, mcfg, state, ema, clock, device, n_params, argv, out: Path) -> dict[str, Any]:
     """Score EMA weights at each guidance and raw weights at the best of those; save the best; write training.json."""
-    tr = pipe.transformer.eval()
-    params = list(tr.parameters())
-    raw = [p.detach().clone() for p in params]
     t0 = clock()
-    results, best = {}, None
-    batch = 64 if device.type == "cuda" else 8
-
-    def trial(which: str, g: float) -> None:
-        nonlocal best
-        with torch.no_grad():
-            for p, w in zip(params, ema if which == "ema" else raw):
-                p.copy_(w)
-        r = evaluate(pipe, n=tc.eval_n, steps=tc.eval_steps, guidance=g, seed=0, batch_size=batch,
-                     max_sequence_length=mcfg.max_sequence_length, return_images=True)
-        images = r.pop("images")
-        r.pop("captions")
-        results[f"{which}@{g:g}"] = r
-        logger.info("eval %s guidance %g: mean %.3f (pos %.3f col %.3f shape %.3f size %.3f) image %.3f, %.1fs",
-                    which, g, r["mean"], r["position"], r["colour"], r["shape"], r["size"], r["image"], r["seconds"])
-        key = (r["mean"], r["image"], which == "ema")
-        if best is None or key > best[0]:
-            best = (key, which, g, images)
-
-    for g in tc.guidances:
-        trial("ema", g)
-    trial("raw", best[2])
-    _, which, guidance, images = best
-    with torch.no_grad():
-        for p, w in zip(params, ema if which == "ema" else raw):
-            p.copy_(w)
+    results, which, guidance, images = pick_final_weights(pipe, tc, mcfg.max_sequence_length, ema, clock, device)
     model_dir = out / "model"
     meta = YardstickMeta(
         max_sequence_length=mcfg.max_sequence_length,

@@ -19,7 +19,25 @@ from tokprune.yardstick.dataset import TRAIN_SEED, sample_spec, scene_params
 __all__ = ["BatchStream", "batches", "encode_text"]
 
 
-class BatchStream(torch.utils.data.IterableDataset):
+class StepStream(torch.utils.data.IterableDataset):
+    """Items ``make(step)`` for steps ``first_step, first_step + 1, ...``, dealt round-robin to DataLoader
+    workers, so step ``s`` holds the same item however many workers there are."""
+
+    first_step: int
+
+    def make(self, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.first_step + worker
+        while True:
+            yield self.make(step)
+            step += workers
+
+
+class BatchStream(StepStream):
     """Ready batches for consecutive steps of the train stream, built on CPU (in DataLoader workers).
 
     Each item: ``params`` (B, 3, 5) int32 scene parameters for :func:`render`, and with
@@ -48,16 +66,8 @@ class BatchStream(torch.utils.data.IterableDataset):
                                 truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
         return item
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        step = self.first_step + worker
-        while True:
-            yield self.make(step)
-            step += workers
 
-
-def batches(stream: BatchStream, workers: int, pin_memory: bool = False):
+def batches(stream: StepStream, workers: int, pin_memory: bool = False):
     """Iterate a stream; with ``workers`` > 0 in worker processes (on CUDA the CPU work would stall the GPU)."""
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                          prefetch_factor=4 if workers else None, persistent_workers=False)

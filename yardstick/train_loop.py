@@ -12,6 +12,7 @@ import logging
 import math
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,6 +75,102 @@ def _compile_blocks(transformer, undo: bool = False) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- phases
+
+
+class OptimStep:
+    """One optimiser step of a yardstick transformer, shared by the SD3 and PixArt training loops.
+
+    ``step(loss_fn, progress)`` zeroes the gradients, runs ``loss_fn()`` (forward + backward, returns its
+    losses), and if ``torch.compile`` fails inside it, undoes the compile and redoes the step eagerly (a
+    compiler failure must not cost the run). Then it clips the gradient norm to 1, skips a step whose norm
+    is not finite (more than 20 such steps raise), sets the warm-up + cosine learning rate, steps and
+    updates the EMA weights. Returns the losses, or None for a skipped step; ``gnorm`` and ``compiled``
+    hold the last norm and whether the blocks are still compiled.
+    """
+
+    def __init__(self, tr, opt, params, ema, tc: TrainConfig, state: RunState, compiled: bool) -> None:
+        self.tr, self.opt, self.params, self.ema, self.tc, self.state = tr, opt, params, ema, tc, state
+        self.compiled, self.skipped, self.gnorm = compiled, 0, torch.zeros(())
+
+    def step(self, loss_fn, progress: float):
+        self.opt.zero_grad(set_to_none=True)
+        try:
+            losses = loss_fn()
+        except Exception:
+            if not self.compiled:
+                raise
+            logger.exception("torch.compile failed; continuing eager")
+            self.compiled = _compile_blocks(self.tr, undo=True)
+            self.opt.zero_grad(set_to_none=True)
+            losses = loss_fn()
+        self.gnorm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        if not torch.isfinite(self.gnorm):
+            self.skipped += 1
+            if self.skipped > 20:
+                raise FloatingPointError(f"20 non-finite gradients by step {self.state.dit_step}; lower --lr")
+            return None
+        for g in self.opt.param_groups:
+            g["lr"] = self.tc.lr * _lr_factor(self.state.dit_step, self.tc.warmup, progress)
+        self.opt.step()
+        decay = min(self.tc.ema, (1 + self.state.dit_step) / (10 + self.state.dit_step))
+        torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - decay)
+        self.state.dit_step += 1
+        return losses
+
+
+def pick_final_weights(pipe, tc: TrainConfig, max_sequence_length: int, ema, clock, device) -> tuple[dict, str, float, Any]:
+    """Score the EMA weights at each of ``tc.guidances`` and the raw weights at the best of those; load the best.
+
+    Shared by the SD3 and PixArt trainings. An evaluation that would overrun ``tc.minutes`` on the run's
+    ``clock`` is skipped (the first always runs). Returns ``(results, which, guidance, images)``: every
+    evaluation's scores by ``"ema@g"`` / ``"raw@g"``, the chosen weights (``"ema"`` / ``"raw"``) and
+    guidance, and the chosen evaluation's images; the transformer holds the chosen weights.
+    """
+    from tokprune.yardstick.evaluate import evaluate
+
+    params = list(pipe.transformer.eval().parameters())
+    raw = [p.detach().clone() for p in params]
+    results: dict[str, dict] = {}
+    best: Any = None
+    batch = 64 if device.type == "cuda" else 8
+
+    def load(which: str) -> None:
+        with torch.no_grad():
+            for p, w in zip(params, ema if which == "ema" else raw):
+                p.copy_(w)
+
+    def trial(which: str, g: float) -> None:
+        nonlocal best
+        load(which)
+        r = evaluate(pipe, n=tc.eval_n, steps=tc.eval_steps, guidance=g, seed=0, batch_size=batch,
+                     max_sequence_length=max_sequence_length, return_images=True)
+        images = r.pop("images")
+        r.pop("captions")
+        results[f"{which}@{g:g}"] = r
+        logger.info("eval %s guidance %g: mean %.3f (pos %.3f col %.3f shape %.3f size %.3f) image %.3f, %.1fs",
+                    which, g, r["mean"], r["position"], r["colour"], r["shape"], r["size"], r["image"], r["seconds"])
+        key = (r["mean"], r["image"], which == "ema")
+        if best is None or key > best[0]:
+            best = (key, which, g, images)
+
+    def fits() -> bool:
+        if not results:
+            return True
+        last = max(r["seconds"] for r in results.values())
+        ok = tc.smoke or clock() + 1.2 * last + 5.0 <= tc.minutes * 60.0
+        if not ok:
+            logger.warning("final evaluation: skipping the rest (%.0fs of %.0fs spent, %.0fs an evaluation)",
+                           clock(), tc.minutes * 60.0, last)
+        return ok
+
+    for g in tc.guidances:
+        if fits():
+            trial("ema", g)
+    if fits():
+        trial("raw", best[2])
+    _, which, guidance, images = best
+    load(which)
+    return results, which, float(guidance), images
 
 
 def _vae_recon_score(vae, tc: TrainConfig, device: torch.device) -> dict[str, float]:
@@ -169,7 +266,7 @@ def train_dit(pipe, tc: TrainConfig, mcfg: ModelConfig, state: RunState, opt_sta
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=0.0, betas=(0.9, 0.99), **_fused_ok(device))
     if opt_state is not None:
         opt.load_state_dict(opt_state)
-    compiled = _compile_blocks(tr) if tc.compile else False
+    stepper = OptimStep(tr, opt, params, ema, tc, state, _compile_blocks(tr) if tc.compile else False)
     shift_f, scale_f = vae.config.shift_factor, vae.config.scaling_factor
     deadline = tc.minutes * 60.0 - tc.reserve_s  # on the run's clock (earlier sessions included)
     t_phase, seconds0, progress0 = clock(), state.dit_seconds, state.dit_progress
@@ -190,7 +287,6 @@ def train_dit(pipe, tc: TrainConfig, mcfg: ModelConfig, state: RunState, opt_sta
     items = batches(stream, tc.workers, device.type == "cuda")
     logger.info("dit: batch %d, lr %.1e, until %s, %.0fs left", tc.batch, tc.lr,
                 f"step {tc.steps}" if tc.steps else "time", deadline - clock())
-    skipped = 0
     bar = _Bar("dit", deadline - clock())
     try:
         while not stop.flag:
@@ -211,37 +307,17 @@ def train_dit(pipe, tc: TrainConfig, mcfg: ModelConfig, state: RunState, opt_sta
                 t = mcfg.shift * t / (1 + (mcfg.shift - 1) * t)  # same shift as the sampler's sigmas
                 tb = t.view(-1, 1, 1, 1)
                 x_t = (1 - tb) * z + tb * noise
-            opt.zero_grad(set_to_none=True)
-            try:
+            def loss_fn():
                 with _autocast(tc, device):
                     pred = tr(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=prompt_embeds,
                               pooled_projections=pooled, return_dict=False)[0]
                 loss = F.mse_loss(pred.float(), noise - z)
                 loss.backward()
-            except Exception:  # a compiler failure must not cost the run: fall back to eager, redo the step
-                if not compiled:
-                    raise
-                logger.exception("torch.compile failed; continuing eager")
-                compiled = _compile_blocks(tr, undo=True)
-                opt.zero_grad(set_to_none=True)
-                with _autocast(tc, device):
-                    pred = tr(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=prompt_embeds,
-                              pooled_projections=pooled, return_dict=False)[0]
-                loss = F.mse_loss(pred.float(), noise - z)
-                loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            if not torch.isfinite(gnorm):
-                skipped += 1
-                if skipped > 20:
-                    raise FloatingPointError(f"20 non-finite gradients by step {state.dit_step}; lower --lr")
+                return loss
+
+            loss = stepper.step(loss_fn, progress())
+            if loss is None:
                 continue
-            factor = _lr_factor(state.dit_step, tc.warmup, progress())
-            for g in opt.param_groups:
-                g["lr"] = tc.lr * factor
-            opt.step()
-            decay = min(tc.ema, (1 + state.dit_step) / (10 + state.dit_step))
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
-            state.dit_step += 1
             window.append(loss.detach())
             if state.dit_step % 10 == 0:
                 bar.update(step=state.dit_step, loss=f"{state.dit_history[-1][1]:.4f}" if state.dit_history else "-")
@@ -253,7 +329,7 @@ def train_dit(pipe, tc: TrainConfig, mcfg: ModelConfig, state: RunState, opt_sta
                 t_log, s_log = now, state.dit_step
                 state.dit_history.append([state.dit_step, round(mean, 5), round(now, 1)])
                 logger.info("dit step %d | loss %.4f | %.2f step/s %.0f img/s | lr %.2e | gnorm %.2f | %.0fs / %.0fs",
-                            state.dit_step, mean, rate, rate * tc.batch, opt.param_groups[0]["lr"], gnorm.item(),
+                            state.dit_step, mean, rate, rate * tc.batch, opt.param_groups[0]["lr"], stepper.gnorm.item(),
                             now, tc.minutes * 60)
             if tc.ckpt_minutes > 0 and time.time() - last_ckpt >= tc.ckpt_minutes * 60:
                 save(opt)
@@ -261,6 +337,6 @@ def train_dit(pipe, tc: TrainConfig, mcfg: ModelConfig, state: RunState, opt_sta
     finally:
         bar.close()
         del items
-        if compiled:  # sampling runs eager: no recompiles for no-grad / other batch sizes
+        if stepper.compiled:  # sampling runs eager: no recompiles for no-grad / other batch sizes
             _compile_blocks(tr, undo=True)
     save(opt)
