@@ -41,6 +41,7 @@ from tokprune.calibrate.prompts import load_prompts, split_prompts
 from tokprune.calibrate.schedule import REUSE, Bucket, Schedule
 from tokprune.calibrate.search import describe, search
 from tokprune.errors import ConfigError
+from tokprune.hashing import json_sha256
 from tokprune.pruning.geometry import REUSE_MODES, Geometry
 from tokprune.pruning.macs import dense_macs, mac_fraction, step_macs
 from tokprune.pruning.family import family_for
@@ -193,6 +194,8 @@ def calibrate(
             "fingerprint": fingerprint(family_for(pipe).denoiser(pipe)), "steps": steps, "guidance": guidance, "height": height,
             "width": width, "max_sequence_length": max_sequence_length, "seed": seed, "reuse": reuse,
             "batch_size": batch_size, "scheduler": dict(pipe.scheduler.config),
+            # Measurements are per prompt: another prompt set (or split) must not reuse them.
+            "prompts": json_sha256({"calibration": list(calib), "holdout": list(held)}),
         }
         store = RolloutStore(checkpoint_dir, identity)
         meter = _Meter(pipe, store, steps=steps, guidance=guidance, height=height, width=width,

@@ -291,3 +291,14 @@ def test_cli_without_prompts_takes_the_models_own_set_as_export_does(cli, pipe, 
                   "--max-sequence-length", str(MSL), out=str(out))
     assert rc == 0, err
     assert Schedule.load(out).stats["calibration"]["prompt_source"] == "model"
+
+
+def test_a_checkpoint_is_not_reused_for_other_prompts(pipe, tmp_path, monkeypatch):
+    """The checkpoint's measurements are per prompt: the same directory with other prompts measures afresh."""
+    ckpt = tmp_path / "ckpt"
+    first = calibrate(pipe, budget=0.6, prompts=PROMPTS, max_buckets=3, checkpoint_dir=ckpt, **SMALL)
+    measured = []
+    real = Rollouts.errors
+    monkeypatch.setattr(Rollouts, "errors", lambda self, plan, policy=None: measured.append(plan) or real(self, plan, policy))
+    calibrate(pipe, budget=0.6, prompts=list(reversed(PROMPTS)), max_buckets=3, checkpoint_dir=ckpt, **SMALL)
+    assert len(measured) == first.stats["search"]["rollouts"] + 1  # nothing reused: every run measured again
