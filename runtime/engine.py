@@ -463,6 +463,7 @@ def load(
     model: torch.nn.Module | None = None,
     compile: bool = False,
     threads: int | None = None,
+    spin: bool = False,
     cuda_graphs: bool = False,
     layout: str | None = None,
     check_files: bool = True,
@@ -479,7 +480,9 @@ def load(
     Args to tinker with:
         model: the PyTorch transformer for ``backend="torch"`` (default: load the manifest's model).
         compile: ``torch.compile`` each bucket (``backend="torch"``).
-        threads: ONNX Runtime intra-op threads. ``cuda_graphs``: replay a CUDA graph per bucket (torch and
+        threads: ONNX Runtime intra-op threads; ``spin``: they spin-wait while a run is in flight (faster
+            small buckets at 2+ threads on a dedicated host, slower on a busy shared one; off by default).
+            ``cuda_graphs``: replay a CUDA graph per bucket (torch and
             tensorrt backends, CUDA only; :mod:`tokprune.export.runners.cuda_graphs`).
         layout: ``"single"`` (the export's one dynamic-K graph / engine, weights loaded once) or
             ``"per-bucket"`` (one static graph / engine per bucket); default: :func:`default_layout`.
@@ -528,7 +531,7 @@ def load(
     layout = default_layout(manifest, backend, device) if layout is None else layout
     graph = graph_for(manifest, specs, layout, backend)
     runners = build_runners(manifest, specs, backend, device, graph=graph, model=model, compile=compile,
-                            threads=threads, cuda_graphs=cuda_graphs, runner_factory=runner_factory)
+                            threads=threads, spin=spin, cuda_graphs=cuda_graphs, runner_factory=runner_factory)
     engines = LoadedEngines(
         directory=Path(engine_dir),
         manifest=manifest,

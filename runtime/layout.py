@@ -148,6 +148,7 @@ def build_runners(
     model: torch.nn.Module | None = None,
     compile: bool = False,
     threads: int | None = None,
+    spin: bool = False,
     cuda_graphs: bool = False,
     runner_factory: RunnerFactory | None = None,
 ) -> dict[str, Runner]:
@@ -155,7 +156,8 @@ def build_runners(
 
     ``runner_factory`` replaces the backend's own runners (``backend`` still chose what was verified).
     ``graph``: run the single dynamic graph / engine (:func:`graph_for`). ``model``: the PyTorch reference
-    for ``backend="torch"`` (default: loaded from the manifest's model).
+    for ``backend="torch"`` (default: loaded from the manifest's model). ``threads`` / ``spin``: ONNX
+    Runtime's intra-op threads and whether they spin during a run (:class:`OnnxRuntimeRunner`).
     """
     runners: dict[str, Runner] = {}
     if runner_factory is not None:
@@ -181,10 +183,11 @@ def build_runners(
         shared = SharedOrtSession(manifest.graph_path()) if graph is not None else None
         for key, spec in specs.items():
             if graph is not None and key in graph.keys:  # the one dynamic graph, one session for all buckets
-                runners[key] = OnnxRuntimeRunner(manifest.graph_path(), spec, device=device, threads=threads,
+                runners[key] = OnnxRuntimeRunner(manifest.graph_path(), spec, device=device, threads=threads, spin=spin,
                                                  graph=graph, shared=shared)
             else:
-                runners[key] = OnnxRuntimeRunner(manifest.onnx_path(key), spec, device=device, threads=threads)
+                runners[key] = OnnxRuntimeRunner(manifest.onnx_path(key), spec, device=device, threads=threads,
+                                                 spin=spin)
     else:
         from tokprune.export.runners.trt import TrtEngineSet
 

@@ -277,3 +277,15 @@ def test_onnxruntime_threads_spin_only_while_a_run_is_in_flight(manifest, pruned
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
     if spin:
         assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+
+
+@pytest.mark.parametrize("spin", [False, True])
+def test_load_passes_spin_to_every_onnxruntime_runner(pruned_export, spin):
+    from tokprune import runtime
+
+    rt = runtime.load(pruned_export, backend="onnxruntime", threads=2, spin=spin)
+    try:
+        ort_runners = [r for r in rt.runners.values() if isinstance(r, OnnxRuntimeRunner)]
+        assert ort_runners and all(r.spin is spin and r.threads == 2 for r in ort_runners)
+    finally:
+        rt.close()
