@@ -21,10 +21,7 @@ The SD3 recipe of :mod:`tokprune.yardstick.train`, with PixArt-Σ's objective in
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +32,6 @@ import torch.nn.functional as F
 
 from tokprune.environment import device_name, versions
 from tokprune.errors import ConfigError
-from tokprune.fsutil import atomic_write_text
 from tokprune.yardstick.dataset import TRAIN_SEED, render, sample_spec, scene_params, to_model_input
 from tokprune.yardstick.evaluate import save_grid
 from tokprune.yardstick.model import YardstickMeta, count_parameters, save_pipeline
@@ -108,7 +104,7 @@ def diffusion_loss(pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, sch
 
 def run_pixart(tc: TrainConfig, argv: list[str] | None, stop) -> dict[str, Any]:
     """Train (or resume) the PixArt yardstick and save it; returns what is written to ``training.json``."""
-    from tokprune.yardstick.train import _atomic_save
+    from tokprune.yardstick.train import _atomic_save, budget_clock, ema_weights, restore_rng, rng_states
 
     device = torch.device(tc.device)
     out = Path(tc.out)
@@ -127,16 +123,11 @@ def run_pixart(tc: TrainConfig, argv: list[str] | None, stop) -> dict[str, Any]:
         for name in PARTS:
             getattr(pipe, name).load_state_dict(ck["weights"][name])
         opt_state, ema = ck.get("dit_opt"), ck.get("ema")
-        torch.set_rng_state(ck["rng"]["cpu"])
-        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"])
+        restore_rng(ck["rng"], device)
         logger.info("resumed %s: dit step %d, %.0fs spent", ckpt_path, state.dit_step, state.elapsed)
     pipe.to(device)
-    ema = [e.to(device) for e in ema] if ema is not None else [p.detach().clone().float() for p in pipe.transformer.parameters()]
-    elapsed0 = state.elapsed
-
-    def clock() -> float:
-        return elapsed0 + time.time() - session_start
+    ema = ema_weights(ema, pipe.transformer, device)
+    clock = budget_clock(state.elapsed, session_start)
 
     def checkpoint(opt_sd) -> None:
         state.elapsed = clock()
@@ -145,7 +136,7 @@ def run_pixart(tc: TrainConfig, argv: list[str] | None, stop) -> dict[str, Any]:
             "state": dataclasses.asdict(state),
             "weights": {n: getattr(pipe, n).state_dict() for n in PARTS},
             "ema": ema, "dit_opt": opt_sd,
-            "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+            "rng": rng_states(device),
         }, ckpt_path)  # fmt: skip
         logger.info("checkpoint %s (dit step %d)", ckpt_path, state.dit_step)
 
@@ -248,7 +239,7 @@ def _train(pipe, tc: TrainConfig, mcfg: PixArtShapesConfig, state: RunState, opt
 def _finish(pipe, tc: TrainConfig, mcfg: PixArtShapesConfig, state: RunState, ema, clock, device, n_params, argv,
             out: Path) -> dict[str, Any]:
     """Score EMA at each guidance and raw at the best; save the best with training.json and samples.png inside."""
-    from tokprune.yardstick.train import _summarise
+    from tokprune.yardstick.train import _summarise, report_head, report_tail, write_report
 
     t0 = clock()
     results, which, guidance, images = pick_final_weights(pipe, tc, mcfg.max_sequence_length, ema, clock, device)
@@ -260,15 +251,8 @@ def _finish(pipe, tc: TrainConfig, mcfg: PixArtShapesConfig, state: RunState, em
     state.phase = "done"
     rate = state.dit_step / state.dit_seconds if state.dit_seconds > 0 else None
     report = {
-        "command": "python -m tokprune.yardstick.train " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "arch": "pixart",
-        "config": dataclasses.asdict(tc),
-        "model_config": dataclasses.asdict(mcfg),
-        "parameters": n_params,
-        "tokens": {"image": mcfg.image_tokens, "text": mcfg.text_tokens, "latent": [4, mcfg.latent_size, mcfg.latent_size],
-                   "image_px": 128},
-        "device": device_name(device),
-        "versions": versions("diffusers", "transformers"),
+        **report_head(tc, mcfg, n_params, device, argv),
         "vae": {"reused": "yardstick/weights/shapes/vae", "shift_factor": 0.0,
                 "scaling_factor": float(pipe.vae.config.scaling_factor)},
         "objective": "DDPM eps-MSE + IDDPM VLB on the learned sigma (mean detached), PixArt-Sigma linear betas",
@@ -278,18 +262,9 @@ def _finish(pipe, tc: TrainConfig, mcfg: PixArtShapesConfig, state: RunState, em
             "final_mse": state.dit_history[-1][1] if state.dit_history else None,
             "loss_curve": _summarise(state.dit_history),  # [step, mse, elapsed s, vb]
         },
-        "eval": results,
-        "chosen": {"weights": which, "guidance": guidance, **{k: results[f"{which}@{guidance:g}"][k]
-                                                              for k in ("mean", "position", "colour", "shape", "size", "image")}},
-        "final_seconds": round(clock() - t0, 1),
-        "total_seconds": round(clock(), 1),
-        "model_dir": str(model_dir),
+        **report_tail(results, which, guidance, clock, t0, model_dir),
     }  # fmt: skip
-    text = json.dumps(report, indent=2) + "\n"
-    atomic_write_text(model_dir / "training.json", text)
-    atomic_write_text(out / "training.json", text)
-    logger.info("saved %s (weights %s, guidance %g, eval mean %.3f) in %.0fs total",
-                model_dir, which, guidance, report["chosen"]["mean"], clock())
+    write_report(report, out, model_dir, clock)
     if tc.pack_to:
         from tokprune.yardstick.pack import pack
 

@@ -84,6 +84,30 @@ def _atomic_save(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def budget_clock(spent_before: float, session_start: float):
+    """A clock of the ``--minutes`` budget: seconds spent so far, earlier (resumed) sessions included."""
+    return lambda: spent_before + time.time() - session_start
+
+
+def rng_states(device: torch.device) -> dict[str, Any]:
+    """The random generators' states a checkpoint keeps (CPU, and CUDA on a GPU)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+
+
+def restore_rng(rng: dict[str, Any], device: torch.device) -> None:
+    """Put back what :func:`rng_states` saved."""
+    torch.set_rng_state(rng["cpu"])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def ema_weights(ema: list[torch.Tensor] | None, transformer: torch.nn.Module, device: torch.device) -> list[torch.Tensor]:
+    """The EMA weights on ``device``: a checkpoint's, else a float copy of the transformer's (on ``device``)."""
+    if ema is not None:
+        return [e.to(device) for e in ema]
+    return [p.detach().clone().float() for p in transformer.parameters()]
+
+
 def _summarise(history: list, points: int = 40) -> list:
     if len(history) <= points:
         return history
@@ -136,18 +160,12 @@ def _run(tc: TrainConfig, device: torch.device, out: Path, mcfg: ModelConfig, st
             getattr(pipe, name).load_state_dict(ck["weights"][name])
         pipe.vae.register_to_config(**ck.get("vae_config", {}))
         dit_opt, ema = ck.get("dit_opt"), ck.get("ema")
-        torch.set_rng_state(ck["rng"]["cpu"])
-        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"])
+        restore_rng(ck["rng"], device)
         logger.info("resumed %s: phase %s, vae step %d, dit step %d, %.0fs spent",
                     ckpt_path, state.phase, state.vae_step, state.dit_step, state.elapsed)
     pipe.to(device)
-    ema = [e.to(device) for e in ema] if ema is not None else [p.detach().clone().float() for p in pipe.transformer.parameters()]
-    elapsed0 = state.elapsed
-
-    def clock() -> float:
-        """Seconds of the budget spent so far, earlier sessions included."""
-        return elapsed0 + time.time() - session_start
+    ema = ema_weights(ema, pipe.transformer, device)
+    clock = budget_clock(state.elapsed, session_start)
 
     def checkpoint(opt) -> None:
         nonlocal dit_opt
@@ -165,8 +183,7 @@ def _run(tc: TrainConfig, device: torch.device, out: Path, mcfg: ModelConfig, st
                                "scaling_factor": pipe.vae.config.scaling_factor},
                 "ema": ema,
                 "dit_opt": dit_opt,
-                "rng": {"cpu": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+                "rng": rng_states(device),
             },
             ckpt_path,
         )
@@ -188,6 +205,43 @@ def _run(tc: TrainConfig, device: torch.device, out: Path, mcfg: ModelConfig, st
     return finish(pipe, tc, mcfg, state, ema, clock, device, n_params, argv, out)
 
 
+def report_head(tc, mcfg, n_params: dict, device: torch.device, argv: list[str] | None) -> dict[str, Any]:
+    """The fields of ``training.json`` that every yardstick training writes first (command, configs, sizes, device)."""
+    return {
+        "command": "python -m tokprune.yardstick.train " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "config": dataclasses.asdict(tc),
+        "model_config": dataclasses.asdict(mcfg),
+        "parameters": n_params,
+        "tokens": {"image": mcfg.image_tokens, "text": mcfg.text_tokens,
+                   "latent": [mcfg.latent_channels, mcfg.latent_size, mcfg.latent_size], "image_px": 128},
+        "device": device_name(device),
+        "versions": versions("diffusers", "transformers"),
+    }
+
+
+def report_tail(results: dict, which: str, guidance: float, clock, t0: float, model_dir: Path) -> dict[str, Any]:
+    """The fields of ``training.json`` about the final pick (:func:`pick_final_weights`) and the time spent."""
+    chosen = results[f"{which}@{guidance:g}"]
+    return {
+        "eval": results,
+        "chosen": {"weights": which, "guidance": guidance,
+                   **{k: chosen[k] for k in ("mean", "position", "colour", "shape", "size", "image")}},
+        "final_seconds": round(clock() - t0, 1),
+        "total_seconds": round(clock(), 1),
+        "model_dir": str(model_dir),
+    }
+
+
+def write_report(report: dict[str, Any], out: Path, model_dir: Path, clock) -> str:
+    """``training.json`` in the run folder and in the model folder (atomically); returns its text."""
+    text = json.dumps(report, indent=2) + "\n"
+    atomic_write_text(out / "training.json", text)
+    atomic_write_text(model_dir / "training.json", text)
+    logger.info("saved %s (weights %s, guidance %g, eval mean %.3f) in %.0fs total", model_dir,
+                report["chosen"]["weights"], report["chosen"]["guidance"], report["chosen"]["mean"], clock())
+    return text
+
+
 def finish(pipe, tc, mcfg, state, ema, clock, device, n_params, argv, out: Path) -> dict[str, Any]:
     """Score EMA weights at each guidance and raw weights at the best of those; save the best; write training.json."""
     t0 = clock()
@@ -204,14 +258,7 @@ def finish(pipe, tc, mcfg, state, ema, clock, device, n_params, argv, out: Path)
     state.phase = "done"
     dit_rate = state.dit_step / state.dit_seconds if state.dit_seconds > 0 else None
     report = {
-        "command": "python -m tokprune.yardstick.train " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "config": dataclasses.asdict(tc),
-        "model_config": dataclasses.asdict(mcfg),
-        "parameters": n_params,
-        "tokens": {"image": mcfg.image_tokens, "text": mcfg.text_tokens,
-                   "latent": [mcfg.latent_channels, mcfg.latent_size, mcfg.latent_size], "image_px": 128},
-        "device": device_name(device),
-        "versions": versions("diffusers", "transformers"),
+        **report_head(tc, mcfg, n_params, device, argv),
         "vae": {"steps": state.vae_step, "seconds": round(state.vae_seconds, 1), "recon": state.vae_recon,
                 "latent_stats": state.latent_stats, "loss_curve": _summarise(state.vae_history)},
         "transformer": {
@@ -222,18 +269,9 @@ def finish(pipe, tc, mcfg, state, ema, clock, device, n_params, argv, out: Path)
             "final_loss": state.dit_history[-1][1] if state.dit_history else None,
             "loss_curve": _summarise(state.dit_history),
         },
-        "eval": results,
-        "chosen": {"weights": which, "guidance": guidance, **{k: results[f"{which}@{guidance:g}"][k]
-                                                              for k in ("mean", "position", "colour", "shape", "size", "image")}},
-        "final_seconds": round(clock() - t0, 1),
-        "total_seconds": round(clock(), 1),
-        "model_dir": str(model_dir),
+        **report_tail(results, which, guidance, clock, t0, model_dir),
     }
-    text = json.dumps(report, indent=2) + "\n"
-    atomic_write_text(out / "training.json", text)
-    atomic_write_text(model_dir / "training.json", text)
-    logger.info("saved %s (weights %s, guidance %g, eval mean %.3f) in %.0fs total",
-                model_dir, which, guidance, report["chosen"]["mean"], clock())
+    text = write_report(report, out, model_dir, clock)
     if tc.pack_to:
         from tokprune.yardstick.pack import pack
 
